@@ -1,0 +1,2 @@
+//! lb-agent: Kubernetes objects -> desired service tables -> BPF maps.
+pub mod maps;

@@ -1,0 +1,117 @@
+//! The one seam between the control plane and the kernel: the service and backend tables.
+//!
+//! [`ServiceMaps`] is implemented by the real pinned BPF maps (`datapath::BpfMaps`) and by
+//! [`MemMaps`], an in-memory model used by unit tests of the diff-and-apply logic. Nothing
+//! above this trait knows it talks to BPF.
+use std::collections::BTreeMap;
+
+use lb_common::{Backend, ServiceKey, ServiceValue};
+
+/// A map operation that failed, naming the map, the operation and the key.
+#[derive(Debug, thiserror::Error)]
+#[error("{op} on map {map} for {key} failed: {source}")]
+pub struct MapError {
+    /// Map name (see `lb_common::map_names`).
+    pub map: &'static str,
+    /// "insert", "remove" or "iterate".
+    pub op: &'static str,
+    /// Human-readable key.
+    pub key: String,
+    /// What the kernel said.
+    #[source]
+    pub source: std::io::Error,
+}
+
+impl MapError {
+    /// Whether the map is full (the kernel answers E2BIG/ENOSPC/ENOMEM to an insert).
+    pub fn is_full(&self) -> bool {
+        matches!(self.source.raw_os_error(), Some(libc::E2BIG | libc::ENOSPC | libc::ENOMEM))
+    }
+}
+
+/// Read and write access to the services and backends maps.
+pub trait ServiceMaps {
+    /// Every entry of the services map (used to re-adopt state after a restart).
+    fn services(&self) -> Result<Vec<(ServiceKey, ServiceValue)>, MapError>;
+    /// Every entry of the backends map.
+    fn backends(&self) -> Result<Vec<(u32, Backend)>, MapError>;
+    /// Insert or replace one services entry.
+    fn put_service(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<(), MapError>;
+    /// Remove one services entry; removing a missing key is not an error.
+    fn del_service(&mut self, key: &ServiceKey) -> Result<(), MapError>;
+    /// Insert or replace one backend.
+    fn put_backend(&mut self, id: u32, backend: &Backend) -> Result<(), MapError>;
+    /// Remove one backend; removing a missing id is not an error.
+    fn del_backend(&mut self, id: u32) -> Result<(), MapError>;
+}
+
+/// In-memory [`ServiceMaps`] with optional capacities, for tests of the apply logic.
+#[derive(Debug, Default, Clone)]
+pub struct MemMaps {
+    /// Services entries.
+    pub services: BTreeMap<ServiceKey, ServiceValue>,
+    /// Backends.
+    pub backends: BTreeMap<u32, Backend>,
+    /// Maximum number of services entries (`None`: unbounded).
+    pub services_capacity: Option<usize>,
+    /// Every write in order, for tests that check ordering and incrementality.
+    pub log: Vec<MemOp>,
+}
+
+/// One write recorded by [`MemMaps`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MemOp {
+    /// `put_service`.
+    PutService(ServiceKey, ServiceValue),
+    /// `del_service`.
+    DelService(ServiceKey),
+    /// `put_backend`.
+    PutBackend(u32, Backend),
+    /// `del_backend`.
+    DelBackend(u32),
+}
+
+impl ServiceMaps for MemMaps {
+    fn services(&self) -> Result<Vec<(ServiceKey, ServiceValue)>, MapError> {
+        Ok(self.services.iter().map(|(k, v)| (*k, *v)).collect())
+    }
+
+    fn backends(&self) -> Result<Vec<(u32, Backend)>, MapError> {
+        Ok(self.backends.iter().map(|(k, v)| (*k, *v)).collect())
+    }
+
+    fn put_service(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<(), MapError> {
+        if let Some(cap) = self.services_capacity
+            && !self.services.contains_key(key)
+            && self.services.len() >= cap
+        {
+            return Err(MapError {
+                map: lb_common::map_names::SERVICES,
+                op: "insert",
+                key: format!("{key:?}"),
+                source: std::io::Error::from_raw_os_error(libc::E2BIG),
+            });
+        }
+        self.services.insert(*key, *value);
+        self.log.push(MemOp::PutService(*key, *value));
+        Ok(())
+    }
+
+    fn del_service(&mut self, key: &ServiceKey) -> Result<(), MapError> {
+        self.services.remove(key);
+        self.log.push(MemOp::DelService(*key));
+        Ok(())
+    }
+
+    fn put_backend(&mut self, id: u32, backend: &Backend) -> Result<(), MapError> {
+        self.backends.insert(id, *backend);
+        self.log.push(MemOp::PutBackend(id, *backend));
+        Ok(())
+    }
+
+    fn del_backend(&mut self, id: u32) -> Result<(), MapError> {
+        self.backends.remove(&id);
+        self.log.push(MemOp::DelBackend(id));
+        Ok(())
+    }
+}

@@ -1,0 +1,387 @@
+//! Types shared by the datapath (`lb-ebpf`) and the agent (`lb-agent`).
+//!
+//! Every map key and value is `#[repr(C)]` with explicit padding, so the byte layout the
+//! kernel sees is the one written here, on both sides. Addresses and ports are stored in
+//! network byte order, exactly as they appear in packet headers; the field names say so
+//! with a `_be` suffix. No `bool`, `Option` or Rust enum appears in a map value: flags and
+//! states are integers with named constants.
+#![no_std]
+
+use core::mem::size_of;
+
+/// Names of the maps, as the loader and the pin directory see them.
+pub mod map_names {
+    /// Frontends and their backend slots: [`ServiceKey`](super::ServiceKey) ->
+    /// [`ServiceValue`](super::ServiceValue).
+    pub const SERVICES: &str = "LB4_SERVICES";
+    /// Backend id -> [`Backend`](super::Backend).
+    pub const BACKENDS: &str = "LB4_BACKENDS";
+    /// Connection tracking: [`CtKey`](super::CtKey) -> [`CtValue`](super::CtValue).
+    pub const CT: &str = "LB4_CT";
+    /// `sessionAffinity: ClientIP`: [`AffinityKey`](super::AffinityKey) ->
+    /// [`AffinityValue`](super::AffinityValue).
+    pub const AFFINITY: &str = "LB4_AFFINITY";
+    /// Per-CPU counters indexed by [`metric_index`](super::metric_index).
+    pub const METRICS: &str = "LB_METRICS";
+
+    /// Maps pinned under the bpffs root so that they outlive the agent.
+    pub const PINNED: [&str; 4] = [SERVICES, BACKENDS, CT, AFFINITY];
+}
+
+/// Default capacities; the agent may override them at load time.
+pub mod capacity {
+    /// Frontend entries plus one entry per backend slot.
+    pub const SERVICES: u32 = 262_144;
+    /// Backends over all Services (a backend belongs to one Service).
+    pub const BACKENDS: u32 = 262_144;
+    /// Tracked flows; each flow uses two entries (forward and reverse).
+    pub const CT: u32 = 524_288;
+    /// Client/Service pairs with session affinity.
+    pub const AFFINITY: u32 = 131_072;
+}
+
+/// IP protocol numbers as carried in the IPv4 header.
+pub mod proto {
+    /// ICMP.
+    pub const ICMP: u8 = 1;
+    /// TCP.
+    pub const TCP: u8 = 6;
+    /// UDP.
+    pub const UDP: u8 = 17;
+    /// SCTP.
+    pub const SCTP: u8 = 132;
+}
+
+/// Key of the services map.
+///
+/// A Service port is a *frontend*: (address, port, protocol). Slot 0 of a frontend holds
+/// its [`ServiceValue`] header (`count`, flags, ids); slots `1..=count` each hold one
+/// backend id. A lookup with slot 0 therefore finds the frontend, and
+/// `slot = 1 + random % count` finds the chosen backend.
+///
+/// An entry with `port_be == 0`, `proto == 0` and slot 0 marks an address as a Service
+/// address ([`SVC_F_ADDR_MARKER`]), so that traffic to a port the Service does not define
+/// is rejected rather than routed.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[repr(C)]
+pub struct ServiceKey {
+    /// Frontend IPv4 address, network byte order.
+    pub addr_be: u32,
+    /// Frontend port, network byte order.
+    pub port_be: u16,
+    /// IP protocol number ([`proto`]).
+    pub proto: u8,
+    /// Reserved for traffic scopes (external/internal); 0 today.
+    pub scope: u8,
+    /// 0 for the frontend header, `1..=count` for backend slots.
+    pub slot: u16,
+    /// Explicit padding, always zero.
+    pub _pad: [u8; 2],
+}
+
+impl ServiceKey {
+    /// Key of slot `slot` of the frontend (addr, port, proto).
+    pub const fn new(addr_be: u32, port_be: u16, proto: u8, slot: u16) -> Self {
+        Self { addr_be, port_be, proto, scope: 0, slot, _pad: [0; 2] }
+    }
+
+    /// Key of the marker entry that says `addr_be` belongs to a Service.
+    pub const fn addr_marker(addr_be: u32) -> Self {
+        Self::new(addr_be, 0, 0, 0)
+    }
+}
+
+/// The Service uses `sessionAffinity: ClientIP`.
+pub const SVC_F_AFFINITY: u16 = 1 << 0;
+/// This slot-0 entry only marks its address as a Service address.
+pub const SVC_F_ADDR_MARKER: u16 = 1 << 1;
+
+/// Value of the services map.
+///
+/// In slot 0: `count` is the number of backend slots that new connections may choose
+/// from (0 means reject), `service_id` identifies the frontend (affinity and counters are
+/// keyed by it), and `affinity_timeout_s` applies when [`SVC_F_AFFINITY`] is set.
+/// In slots `1..=count`: `backend_id` names an entry of the backends map.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct ServiceValue {
+    /// Backend id (slots >= 1), 0 in slot 0.
+    pub backend_id: u32,
+    /// Number of backend slots (slot 0 only).
+    pub count: u16,
+    /// `SVC_F_*` flags (slot 0 only).
+    pub flags: u16,
+    /// Frontend id (slot 0 only), never 0 for a real frontend.
+    pub service_id: u32,
+    /// `sessionAffinityConfig.clientIP.timeoutSeconds` (slot 0 only).
+    pub affinity_timeout_s: u32,
+}
+
+/// The backend takes new connections.
+pub const BACKEND_ACTIVE: u8 = 0;
+/// The backend is terminating: its established flows continue, it takes no new ones.
+pub const BACKEND_TERMINATING: u8 = 1;
+
+/// Value of the backends map (key: backend id, `u32`, never 0).
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct Backend {
+    /// Pod IPv4 address, network byte order.
+    pub addr_be: u32,
+    /// Target port, network byte order.
+    pub port_be: u16,
+    /// IP protocol number.
+    pub proto: u8,
+    /// [`BACKEND_ACTIVE`] or [`BACKEND_TERMINATING`].
+    pub state: u8,
+    /// The frontend this backend serves.
+    pub service_id: u32,
+}
+
+/// Connection tracking entry for the client -> frontend direction.
+pub const CT_DIR_FORWARD: u8 = 0;
+/// Connection tracking entry for the backend -> client (reply) direction.
+pub const CT_DIR_REVERSE: u8 = 1;
+
+/// Key of the connection tracking map.
+///
+/// A translated flow has two entries. The forward entry is keyed by the packet as the
+/// client sends it (client -> frontend) and tells where to DNAT it. The reverse entry is
+/// keyed by the reply as the backend sends it (backend -> client) and tells what source
+/// to restore.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
+#[repr(C)]
+pub struct CtKey {
+    /// Source IPv4 address, network byte order.
+    pub src_addr_be: u32,
+    /// Destination IPv4 address, network byte order.
+    pub dst_addr_be: u32,
+    /// Source port, network byte order.
+    pub src_port_be: u16,
+    /// Destination port, network byte order.
+    pub dst_port_be: u16,
+    /// IP protocol number.
+    pub proto: u8,
+    /// [`CT_DIR_FORWARD`] or [`CT_DIR_REVERSE`].
+    pub dir: u8,
+    /// Explicit padding, always zero.
+    pub _pad: [u8; 2],
+}
+
+/// A FIN or RST was seen: the flow expires after [`CT_TIMEOUT_CLOSING_NS`].
+pub const CT_F_CLOSING: u16 = 1 << 0;
+
+/// Idle lifetime of an established TCP flow.
+pub const CT_TIMEOUT_TCP_NS: u64 = 6 * 3600 * 1_000_000_000;
+/// Idle lifetime of a UDP (or other non-TCP) flow.
+pub const CT_TIMEOUT_UDP_NS: u64 = 120 * 1_000_000_000;
+/// Lifetime of a TCP flow after FIN or RST.
+pub const CT_TIMEOUT_CLOSING_NS: u64 = 10 * 1_000_000_000;
+/// `last_seen_ns` is refreshed at most this often, to keep map writes off the fast path.
+pub const CT_REFRESH_NS: u64 = 1_000_000_000;
+
+/// Value of the connection tracking map.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct CtValue {
+    /// Forward: backend address; reverse: frontend address (network byte order).
+    pub nat_addr_be: u32,
+    /// Forward: backend port; reverse: frontend port (network byte order).
+    pub nat_port_be: u16,
+    /// `CT_F_*` flags.
+    pub flags: u16,
+    /// The backend the flow is pinned to.
+    pub backend_id: u32,
+    /// The frontend the flow was addressed to.
+    pub service_id: u32,
+    /// `bpf_ktime_get_ns()` when the flow was last refreshed.
+    pub last_seen_ns: u64,
+}
+
+/// Key of the session affinity map.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
+#[repr(C)]
+pub struct AffinityKey {
+    /// Client IPv4 address, network byte order.
+    pub client_addr_be: u32,
+    /// Frontend id.
+    pub service_id: u32,
+}
+
+/// Value of the session affinity map.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct AffinityValue {
+    /// The backend this client sticks to.
+    pub backend_id: u32,
+    /// Explicit padding, always zero.
+    pub _pad: u32,
+    /// `bpf_ktime_get_ns()` of the last new connection that used this entry.
+    pub last_used_ns: u64,
+}
+
+/// Why the datapath did what it did to a packet. Each reason has a per-CPU counter per
+/// direction (see [`metric_index`]).
+pub mod reason {
+    /// New flow to a frontend, translated to a backend.
+    pub const NEW_FLOW: u32 = 0;
+    /// Packet of a tracked flow, translated to its backend.
+    pub const ESTABLISHED: u32 = 1;
+    /// Reply of a tracked flow, source restored to the frontend.
+    pub const REPLY: u32 = 2;
+    /// Not addressed to any frontend: passed untouched.
+    pub const NOT_SERVICE: u32 = 3;
+    /// The frontend has no ready backend: rejected (ICMP port unreachable).
+    pub const NO_BACKEND: u32 = 4;
+    /// Service address, but a port the Service does not define: rejected.
+    pub const NO_PORT: u32 = 5;
+    /// Tracked flow whose backend was removed: moved to a live backend.
+    pub const RESELECTED: u32 = 6;
+    /// Connection tracking entry could not be created: dropped (fail closed).
+    pub const CT_FULL: u32 = 7;
+    /// Malformed or truncated headers: passed untouched.
+    pub const MALFORMED: u32 = 8;
+    /// IP fragment or IP options to a frontend: dropped (cannot be translated safely).
+    pub const UNSUPPORTED: u32 = 9;
+    /// The packet could not be rewritten (helper failure): dropped.
+    pub const REWRITE_FAILED: u32 = 10;
+    /// A reject (ICMP) could not be built: dropped instead.
+    pub const REJECT_FAILED: u32 = 11;
+    /// Sticky client sent to its remembered backend.
+    pub const AFFINITY_HIT: u32 = 12;
+    /// Number of reasons.
+    pub const COUNT: u32 = 13;
+
+    /// Stable names, indexed by reason, used as metric labels.
+    pub const NAMES: [&str; COUNT as usize] = [
+        "new_flow",
+        "established",
+        "reply",
+        "not_service",
+        "no_backend",
+        "no_port",
+        "reselected",
+        "ct_full",
+        "malformed",
+        "unsupported",
+        "rewrite_failed",
+        "reject_failed",
+        "affinity_hit",
+    ];
+}
+
+/// Traffic entering a device (TC ingress).
+pub const DIR_INGRESS: u32 = 0;
+/// Traffic leaving a device (TC egress).
+pub const DIR_EGRESS: u32 = 1;
+/// Size of the metrics array.
+pub const METRICS_LEN: u32 = reason::COUNT * 2;
+
+/// Index of the counter for `reason` in direction `dir` ([`DIR_INGRESS`]/[`DIR_EGRESS`]).
+pub const fn metric_index(reason: u32, dir: u32) -> u32 {
+    reason * 2 + dir
+}
+
+// Layout checks: a change here is a change of the kernel ABI between agent versions
+// (pinned maps outlive the agent), so it must be deliberate.
+const _: () = assert!(size_of::<ServiceKey>() == 12);
+const _: () = assert!(size_of::<ServiceValue>() == 16);
+const _: () = assert!(size_of::<Backend>() == 12);
+const _: () = assert!(size_of::<CtKey>() == 16);
+const _: () = assert!(size_of::<CtValue>() == 24);
+const _: () = assert!(size_of::<AffinityKey>() == 8);
+const _: () = assert!(size_of::<AffinityValue>() == 16);
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: each type is repr(C), Copy, has no padding bytes (checked by the size
+    // assertions above) and every bit pattern is a valid value.
+    unsafe impl aya::Pod for ServiceKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for ServiceValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for Backend {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for CtKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for CtValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for AffinityKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for AffinityValue {}
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use core::mem::{align_of, offset_of};
+
+    use super::*;
+
+    #[test]
+    fn service_key_layout() {
+        assert_eq!(offset_of!(ServiceKey, addr_be), 0);
+        assert_eq!(offset_of!(ServiceKey, port_be), 4);
+        assert_eq!(offset_of!(ServiceKey, proto), 6);
+        assert_eq!(offset_of!(ServiceKey, scope), 7);
+        assert_eq!(offset_of!(ServiceKey, slot), 8);
+        assert_eq!(offset_of!(ServiceKey, _pad), 10);
+        assert_eq!(align_of::<ServiceKey>(), 4);
+    }
+
+    #[test]
+    fn service_value_layout() {
+        assert_eq!(offset_of!(ServiceValue, backend_id), 0);
+        assert_eq!(offset_of!(ServiceValue, count), 4);
+        assert_eq!(offset_of!(ServiceValue, flags), 6);
+        assert_eq!(offset_of!(ServiceValue, service_id), 8);
+        assert_eq!(offset_of!(ServiceValue, affinity_timeout_s), 12);
+    }
+
+    #[test]
+    fn backend_layout() {
+        assert_eq!(offset_of!(Backend, addr_be), 0);
+        assert_eq!(offset_of!(Backend, port_be), 4);
+        assert_eq!(offset_of!(Backend, proto), 6);
+        assert_eq!(offset_of!(Backend, state), 7);
+        assert_eq!(offset_of!(Backend, service_id), 8);
+    }
+
+    #[test]
+    fn ct_layout() {
+        assert_eq!(offset_of!(CtKey, src_addr_be), 0);
+        assert_eq!(offset_of!(CtKey, dst_addr_be), 4);
+        assert_eq!(offset_of!(CtKey, src_port_be), 8);
+        assert_eq!(offset_of!(CtKey, dst_port_be), 10);
+        assert_eq!(offset_of!(CtKey, proto), 12);
+        assert_eq!(offset_of!(CtKey, dir), 13);
+        assert_eq!(offset_of!(CtValue, nat_addr_be), 0);
+        assert_eq!(offset_of!(CtValue, nat_port_be), 4);
+        assert_eq!(offset_of!(CtValue, flags), 6);
+        assert_eq!(offset_of!(CtValue, backend_id), 8);
+        assert_eq!(offset_of!(CtValue, service_id), 12);
+        assert_eq!(offset_of!(CtValue, last_seen_ns), 16);
+        assert_eq!(align_of::<CtValue>(), 8);
+    }
+
+    #[test]
+    fn affinity_layout() {
+        assert_eq!(offset_of!(AffinityKey, client_addr_be), 0);
+        assert_eq!(offset_of!(AffinityKey, service_id), 4);
+        assert_eq!(offset_of!(AffinityValue, backend_id), 0);
+        assert_eq!(offset_of!(AffinityValue, last_used_ns), 8);
+    }
+
+    #[test]
+    fn metric_indices_are_dense_and_named() {
+        assert_eq!(metric_index(reason::COUNT - 1, DIR_EGRESS), METRICS_LEN - 1);
+        assert_eq!(reason::NAMES.len(), reason::COUNT as usize);
+    }
+
+    #[test]
+    fn marker_key_is_slot_zero_port_zero() {
+        let k = ServiceKey::addr_marker(0x0a60_0001);
+        assert_eq!((k.port_be, k.proto, k.slot), (0, 0, 0));
+    }
+}
