@@ -1,2 +1,3 @@
 //! lb-agent: Kubernetes objects -> desired service tables -> BPF maps.
+pub mod datapath;
 pub mod maps;

@@ -82,7 +82,14 @@ pub struct ServiceKey {
 impl ServiceKey {
     /// Key of slot `slot` of the frontend (addr, port, proto).
     pub const fn new(addr_be: u32, port_be: u16, proto: u8, slot: u16) -> Self {
-        Self { addr_be, port_be, proto, scope: 0, slot, _pad: [0; 2] }
+        Self {
+            addr_be,
+            port_be,
+            proto,
+            scope: 0,
+            slot,
+            _pad: [0; 2],
+        }
     }
 
     /// Key of the marker entry that says `addr_be` belongs to a Service.

@@ -1,3 +1,35 @@
-//! The datapath, as a library so its modules can be unit-checked; `main.rs` holds the
-//! program entry points.
+//! The lb datapath: Service translation at TC, factored like a small load balancer
+//! library. `main.rs` holds the thin program entry points; everything they do lives in
+//! these modules.
+//!
+//! Flow of a packet through `lb_tc_ingress` (traffic entering a device):
+//! [`parse`] the headers -> [`service`] frontend lookup -> [`conntrack`] lookup or backend
+//! selection -> [`nat`] DNAT to the backend. Frontend addresses with no ready backend, or a
+//! port the Service does not define, get an ICMP port unreachable from [`reject`].
+//!
+//! `lb_tc_egress` (traffic leaving a device) looks replies up in [`conntrack`] and restores
+//! the frontend as their source. Doing the reverse translation at egress, after the node's
+//! netfilter has seen the packet, means netfilter sees one consistent client <-> backend
+//! flow in both directions, so hosts that drop `ctstate INVALID` in FORWARD keep working.
 #![no_std]
+
+pub mod conntrack;
+pub mod csum;
+pub mod maps;
+pub mod metrics;
+pub mod nat;
+pub mod parse;
+pub mod reject;
+pub mod service;
+
+/// TC verdicts (`linux/pkt_cls.h`).
+pub mod verdict {
+    /// Continue with the next program / normal processing. With tcx this is `TCX_NEXT`.
+    pub const PASS: i32 = -1;
+    /// Accept the packet and stop processing programs.
+    pub const OK: i32 = 0;
+    /// Drop the packet.
+    pub const DROP: i32 = 2;
+    /// The packet was redirected by a helper.
+    pub const REDIRECT: i32 = 7;
+}

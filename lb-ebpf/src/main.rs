@@ -1,10 +1,170 @@
+//! Program entry points. Each is a thin wrapper that turns the module functions'
+//! results into a TC verdict and counts the reason.
 #![no_std]
 #![no_main]
-use aya_ebpf::{macros::classifier, programs::TcContext};
 
+use aya_ebpf::{macros::classifier, programs::TcContext};
+use lb_common::{DIR_EGRESS, DIR_INGRESS, reason};
+use lb_ebpf::{
+    conntrack::{self, backend_matches},
+    metrics::count,
+    nat::{self, End},
+    parse::{self, Packet, ParseError},
+    reject, service, verdict,
+};
+
+/// A decision: the reason it is counted under and the TC verdict.
+struct Decision {
+    reason: u32,
+    verdict: i32,
+}
+
+impl Decision {
+    const fn pass(reason: u32) -> Self {
+        Self {
+            reason,
+            verdict: verdict::PASS,
+        }
+    }
+    const fn drop(reason: u32) -> Self {
+        Self {
+            reason,
+            verdict: verdict::DROP,
+        }
+    }
+}
+
+/// Traffic entering a device: translate packets addressed to a frontend.
 #[classifier]
-pub fn lb_tc_ingress(_ctx: TcContext) -> i32 {
-    -1
+pub fn lb_tc_ingress(ctx: TcContext) -> i32 {
+    let d = ingress(&ctx);
+    count(d.reason, DIR_INGRESS);
+    d.verdict
+}
+
+/// Traffic leaving a device: restore the frontend as the source of replies.
+#[classifier]
+pub fn lb_tc_egress(ctx: TcContext) -> i32 {
+    let d = egress(&ctx);
+    count(d.reason, DIR_EGRESS);
+    d.verdict
+}
+
+#[inline(always)]
+fn parse_or_pass(ctx: &TcContext) -> Result<Packet, Decision> {
+    parse::parse(ctx).map_err(|e| match e {
+        ParseError::Malformed => Decision::pass(reason::MALFORMED),
+        ParseError::NotIpv4 | ParseError::OtherProtocol => Decision::pass(reason::NOT_SERVICE),
+    })
+}
+
+#[inline(always)]
+fn ingress(ctx: &TcContext) -> Decision {
+    let pkt = match parse_or_pass(ctx) {
+        Ok(p) => p,
+        Err(d) => return d,
+    };
+    let Some(svc) = service::lookup_frontend(&pkt) else {
+        if service::is_service_addr(&pkt) {
+            if pkt.fragment {
+                return Decision::drop(reason::UNSUPPORTED);
+            }
+            return reject_packet(ctx, &pkt, reason::NO_PORT);
+        }
+        return Decision::pass(reason::NOT_SERVICE);
+    };
+    if pkt.fragment {
+        // Later fragments carry no ports, so they cannot be matched to a flow.
+        return Decision::drop(reason::UNSUPPORTED);
+    }
+    let now = conntrack::now();
+    let key = conntrack::forward_key(&pkt);
+    let mut why = reason::NEW_FLOW;
+    if let Some(ct) = conntrack::lookup(&key, now) {
+        let b = service::backend(ct.backend_id);
+        if backend_matches(&ct, b.as_ref()) {
+            conntrack::refresh(&key, &ct, &pkt, now);
+            return translate(
+                ctx,
+                &pkt,
+                ct.nat_addr_be,
+                ct.nat_port_be,
+                reason::ESTABLISHED,
+            );
+        }
+        // The flow's backend is gone: move the flow to a live one (for UDP this is what
+        // keeps a long-running client working; for TCP the new backend resets it at once
+        // instead of leaving it hanging).
+        why = reason::RESELECTED;
+    }
+    if svc.count == 0 {
+        return reject_packet(ctx, &pkt, reason::NO_BACKEND);
+    }
+    let Some(sel) = service::select(&pkt, &svc, now) else {
+        return reject_packet(ctx, &pkt, reason::NO_BACKEND);
+    };
+    if sel.sticky && why == reason::NEW_FLOW {
+        why = reason::AFFINITY_HIT;
+    }
+    let fwd = lb_common::CtValue {
+        nat_addr_be: sel.backend.addr_be,
+        nat_port_be: sel.backend.port_be,
+        flags: 0,
+        backend_id: sel.id,
+        service_id: svc.service_id,
+        last_seen_ns: now,
+    };
+    if conntrack::create(&key, &fwd, &pkt).is_err() {
+        // Fail closed: a flow we cannot track would lose its replies' translation.
+        return Decision::drop(reason::CT_FULL);
+    }
+    translate(ctx, &pkt, fwd.nat_addr_be, fwd.nat_port_be, why)
+}
+
+#[inline(always)]
+fn translate(ctx: &TcContext, pkt: &Packet, addr: u32, port: u16, why: u32) -> Decision {
+    match nat::rewrite(ctx, pkt, End::Destination, addr, port) {
+        Ok(()) => Decision {
+            reason: why,
+            verdict: verdict::OK,
+        },
+        Err(_) => Decision::drop(reason::REWRITE_FAILED),
+    }
+}
+
+#[inline(always)]
+fn reject_packet(ctx: &TcContext, pkt: &Packet, why: u32) -> Decision {
+    match reject::port_unreachable(ctx, pkt) {
+        Ok(v) => Decision {
+            reason: why,
+            verdict: v,
+        },
+        Err(_) => Decision::drop(reason::REJECT_FAILED),
+    }
+}
+
+#[inline(always)]
+fn egress(ctx: &TcContext) -> Decision {
+    let pkt = match parse_or_pass(ctx) {
+        Ok(p) => p,
+        Err(d) => return d,
+    };
+    if pkt.fragment {
+        return Decision::pass(reason::UNSUPPORTED);
+    }
+    let now = conntrack::now();
+    let key = conntrack::reverse_key(&pkt);
+    let Some(ct) = conntrack::lookup(&key, now) else {
+        return Decision::pass(reason::NOT_SERVICE);
+    };
+    conntrack::refresh(&key, &ct, &pkt, now);
+    match nat::rewrite(ctx, &pkt, End::Source, ct.nat_addr_be, ct.nat_port_be) {
+        Ok(()) => Decision {
+            reason: reason::REPLY,
+            verdict: verdict::OK,
+        },
+        Err(_) => Decision::drop(reason::REWRITE_FAILED),
+    }
 }
 
 #[cfg(not(test))]

@@ -1,0 +1,743 @@
+//! Loading the datapath into the kernel, pinning what must outlive the agent, and
+//! attaching the TC programs to devices.
+//!
+//! Pinned under `--bpffs-root`:
+//! - the services, backends, connection-tracking and affinity maps (`<root>/<MAP>`), so a
+//!   restarted agent finds the tables and the live flows where it left them;
+//! - the tcx links (`<root>/links/<ifname>@<ifindex>.<dir>`), so the datapath keeps
+//!   translating while the agent is down (a crash, `kill -9`, an upgrade). A new agent
+//!   swaps its freshly loaded programs into those links atomically (`bpf_link_update`):
+//!   no packet ever sees a device without a program.
+//!
+//! A clean shutdown (SIGINT/SIGTERM) detaches the programs and removes the link pins; the
+//! maps stay pinned, so the next agent re-adopts the established flows.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    ffi::CString,
+    fs, io,
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap as BpfHashMap, MapData, MapInfo, PerCpuArray},
+    programs::{
+        LinkOrder, SchedClassifier, TcAttachType,
+        links::{FdLink, PinnedLink},
+        tc::{SchedClassifierLink, TcAttachOptions},
+    },
+    util::KernelVersion,
+};
+use lb_common::{Backend, METRICS_LEN, ServiceKey, ServiceValue, map_names};
+use tracing::{debug, info, warn};
+
+use crate::maps::{MapError, ServiceMaps};
+
+/// The eBPF object built by `build.rs` (absent when built with `AYA_BUILD_SKIP=1`).
+#[cfg(embedded_obj)]
+static EMBEDDED_OBJECT: Option<&[u8]> =
+    Some(aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb")));
+#[cfg(not(embedded_obj))]
+static EMBEDDED_OBJECT: Option<&[u8]> = None;
+
+/// `statfs` magic of bpffs.
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+/// Where bpffs is mounted when it is not mounted yet.
+const BPFFS_MOUNT: &str = "/sys/fs/bpf";
+/// tcx (multi-program TC with links) arrived in Linux 6.6.
+const TCX_KERNEL: KernelVersion = KernelVersion::new(6, 6, 0);
+
+/// The TC ingress program: DNAT of traffic to frontends.
+pub const INGRESS_PROG: &str = "lb_tc_ingress";
+/// The TC egress program: reverse NAT of replies.
+pub const EGRESS_PROG: &str = "lb_tc_egress";
+
+/// Why the datapath could not be set up. Each message names the fix.
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    /// Not root / no CAP_BPF + CAP_NET_ADMIN.
+    #[error(
+        "not enough privilege: lb-agent needs CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN (run it as root)"
+    )]
+    Privilege,
+    /// bpffs missing and could not be mounted.
+    #[error("no bpffs: {path} is not a bpf filesystem and mounting one failed: {source}")]
+    NoBpffs {
+        /// The mount point.
+        path: String,
+        /// The mount error.
+        #[source]
+        source: io::Error,
+    },
+    /// The pin directory is unusable.
+    #[error("cannot use pin directory {path}: {source}")]
+    PinDir {
+        /// The directory.
+        path: PathBuf,
+        /// What failed.
+        #[source]
+        source: io::Error,
+    },
+    /// The kernel lacks something the datapath needs.
+    #[error("this kernel ({kernel}) lacks {feature}: {detail}")]
+    KernelFeature {
+        /// Running kernel.
+        kernel: String,
+        /// The missing feature.
+        feature: &'static str,
+        /// What failed.
+        detail: String,
+    },
+    /// No eBPF object available.
+    #[error(
+        "this lb-agent was built without the eBPF object (AYA_BUILD_SKIP); pass --ebpf-object PATH"
+    )]
+    NoObject,
+    /// Loading the object failed.
+    #[error("loading the eBPF object failed: {0}")]
+    Load(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// Attaching to a device failed.
+    #[error("attaching {prog} to {device} failed: {source}")]
+    Attach {
+        /// Program name.
+        prog: &'static str,
+        /// Device name.
+        device: String,
+        /// Cause.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+/// Result alias for this module.
+pub type Result<T, E = DatapathError> = std::result::Result<T, E>;
+
+fn kernel_string() -> String {
+    fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "unknown".to_owned())
+}
+
+/// Checks privileges and bpffs, mounting it at /sys/fs/bpf if needed, and creates the pin
+/// directories under `root`.
+pub fn prepare(root: &Path) -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err(DatapathError::Privilege);
+    }
+    if !is_bpffs(Path::new(BPFFS_MOUNT)) {
+        fs::create_dir_all(BPFFS_MOUNT).map_err(|source| DatapathError::NoBpffs {
+            path: BPFFS_MOUNT.to_owned(),
+            source,
+        })?;
+        mount_bpffs(BPFFS_MOUNT).map_err(|source| DatapathError::NoBpffs {
+            path: BPFFS_MOUNT.to_owned(),
+            source,
+        })?;
+        info!(path = BPFFS_MOUNT, "mounted bpffs");
+    }
+    for dir in [root.to_path_buf(), root.join("links")] {
+        fs::create_dir_all(&dir).map_err(|source| DatapathError::PinDir {
+            path: dir.clone(),
+            source,
+        })?;
+    }
+    if !is_bpffs(root) {
+        return Err(DatapathError::NoBpffs {
+            path: root.display().to_string(),
+            source: io::Error::other("the pin directory must be on a bpf filesystem"),
+        });
+    }
+    Ok(())
+}
+
+fn is_bpffs(path: &Path) -> bool {
+    let Ok(c) = CString::new(path.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    // SAFETY: statfs writes into the zeroed struct we own.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: valid C string and out pointer.
+    let rc = unsafe { libc::statfs(c.as_ptr(), &mut st) };
+    rc == 0 && st.f_type as i64 == BPF_FS_MAGIC
+}
+
+fn mount_bpffs(target: &str) -> io::Result<()> {
+    let src = CString::new("bpffs").expect("static string");
+    let tgt = CString::new(target).expect("static string");
+    let fstype = CString::new("bpf").expect("static string");
+    // SAFETY: valid C strings; no data argument.
+    let rc = unsafe {
+        libc::mount(
+            src.as_ptr(),
+            tgt.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Expected (key size, value size) of each pinned map.
+fn expected_layout(name: &str) -> Option<(u32, u32)> {
+    use std::mem::size_of;
+    let sizes = match name {
+        map_names::SERVICES => (size_of::<ServiceKey>(), size_of::<ServiceValue>()),
+        map_names::BACKENDS => (size_of::<u32>(), size_of::<Backend>()),
+        map_names::CT => (
+            size_of::<lb_common::CtKey>(),
+            size_of::<lb_common::CtValue>(),
+        ),
+        map_names::AFFINITY => (
+            size_of::<lb_common::AffinityKey>(),
+            size_of::<lb_common::AffinityValue>(),
+        ),
+        _ => return None,
+    };
+    Some((sizes.0 as u32, sizes.1 as u32))
+}
+
+/// Pinned maps whose layout differs from this build's (left by an incompatible version)
+/// cannot be reused: they are unpinned, with a warning, and recreated empty.
+fn drop_incompatible_pins(root: &Path) {
+    for name in map_names::PINNED {
+        let path = root.join(name);
+        let Ok(info) = MapInfo::from_pin(&path) else {
+            continue;
+        };
+        let Some((k, v)) = expected_layout(name) else {
+            continue;
+        };
+        if info.key_size() != k || info.value_size() != v {
+            warn!(
+                map = name,
+                found_key = info.key_size(),
+                found_value = info.value_size(),
+                want_key = k,
+                want_value = v,
+                "pinned map has another layout (older agent version?); recreating it empty"
+            );
+            if let Err(e) = fs::remove_file(&path) {
+                warn!(map = name, error = %e, "cannot remove incompatible pinned map");
+            }
+        }
+    }
+}
+
+/// The loaded datapath: programs, maps and the devices it is attached to.
+pub struct Datapath {
+    ebpf: Ebpf,
+    root: PathBuf,
+    tcx: bool,
+    attached: BTreeMap<String, Attachment>,
+}
+
+struct Attachment {
+    ifindex: u32,
+    links: Vec<PathBuf>,
+}
+
+impl Datapath {
+    /// Loads the programs (from `object`, or the embedded object), reusing maps pinned
+    /// under `root` so that services and live flows survive a restart.
+    pub fn load(root: &Path, object: Option<&Path>) -> Result<Self> {
+        drop_incompatible_pins(root);
+        let mut loader = EbpfLoader::new();
+        loader.default_map_pin_directory(root);
+        let loaded = match object {
+            Some(path) => loader.load_file(path),
+            None => loader.load(EMBEDDED_OBJECT.ok_or(DatapathError::NoObject)?),
+        };
+        let mut ebpf = loaded.map_err(|e| classify_load_error(Box::new(e)))?;
+        for name in [INGRESS_PROG, EGRESS_PROG] {
+            let prog: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .ok_or_else(|| DatapathError::Load(format!("program {name} missing").into()))?
+                .try_into()
+                .map_err(|e: aya::programs::ProgramError| DatapathError::Load(Box::new(e)))?;
+            prog.load().map_err(|e| classify_load_error(Box::new(e)))?;
+        }
+        let tcx = KernelVersion::current()
+            .map(|v| v >= TCX_KERNEL)
+            .unwrap_or(false);
+        if !tcx {
+            return Err(DatapathError::KernelFeature {
+                kernel: kernel_string(),
+                feature: "tcx (TC BPF links)",
+                detail: "lb-agent needs Linux 6.6 or newer".to_owned(),
+            });
+        }
+        info!(root = %root.display(), "datapath loaded");
+        Ok(Self {
+            ebpf,
+            root: root.to_path_buf(),
+            tcx,
+            attached: BTreeMap::new(),
+        })
+    }
+
+    /// A loaded program, for `BPF_PROG_TEST_RUN` in tests and benchmarks.
+    pub fn program(&self, name: &str) -> Option<&SchedClassifier> {
+        self.ebpf.program(name).and_then(|p| p.try_into().ok())
+    }
+
+    /// Takes the services and backends maps out as a [`ServiceMaps`].
+    pub fn service_maps(&mut self) -> Result<BpfMaps> {
+        let services = self.take_map(map_names::SERVICES)?;
+        let backends = self.take_map(map_names::BACKENDS)?;
+        let services =
+            BpfHashMap::try_from(services).map_err(|e| DatapathError::Load(Box::new(e)))?;
+        let backends =
+            BpfHashMap::try_from(backends).map_err(|e| DatapathError::Load(Box::new(e)))?;
+        Ok(BpfMaps { services, backends })
+    }
+
+    /// Takes the per-CPU counters out.
+    pub fn metrics(&mut self) -> Result<Metrics> {
+        let map = self.take_map(map_names::METRICS)?;
+        let counters = PerCpuArray::try_from(map).map_err(|e| DatapathError::Load(Box::new(e)))?;
+        Ok(Metrics { counters })
+    }
+
+    fn take_map(&mut self, name: &str) -> Result<aya::maps::Map> {
+        self.ebpf
+            .take_map(name)
+            .ok_or_else(|| DatapathError::Load(format!("map {name} missing").into()))
+    }
+
+    /// Attaches to every existing device matching `patterns` that is not attached yet,
+    /// and forgets devices that went away. Returns the names newly attached. One device
+    /// failing does not stop the others; its error is logged and retried next time.
+    pub fn sync_devices(&mut self, patterns: &DevicePatterns) -> Vec<String> {
+        let present = list_devices();
+        let gone: Vec<String> = self
+            .attached
+            .iter()
+            .filter(|(name, a)| present.get(*name) != Some(&a.ifindex))
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in gone {
+            if let Some(a) = self.attached.remove(&name) {
+                debug!(device = %name, "device gone");
+                // The kernel already detached the links; only the pins remain.
+                for pin in a.links {
+                    let _ = fs::remove_file(pin);
+                }
+            }
+        }
+        let mut added = Vec::new();
+        for (name, ifindex) in present {
+            if self.attached.contains_key(&name) || !patterns.matches(&name) {
+                continue;
+            }
+            match self.attach(&name, ifindex) {
+                Ok(links) => {
+                    info!(device = %name, ifindex, "attached");
+                    self.attached
+                        .insert(name.clone(), Attachment { ifindex, links });
+                    added.push(name);
+                }
+                Err(e) => warn!(device = %name, error = %e, "cannot attach; will retry"),
+            }
+        }
+        added
+    }
+
+    /// Names of the devices the programs are attached to.
+    pub fn devices(&self) -> impl Iterator<Item = &str> {
+        self.attached.keys().map(String::as_str)
+    }
+
+    fn attach(&mut self, device: &str, ifindex: u32) -> Result<Vec<PathBuf>> {
+        debug_assert!(self.tcx);
+        let mut pins = Vec::new();
+        for (prog_name, attach_type, dir) in [
+            (INGRESS_PROG, TcAttachType::Ingress, "ingress"),
+            (EGRESS_PROG, TcAttachType::Egress, "egress"),
+        ] {
+            let pin = self
+                .root
+                .join("links")
+                .join(format!("{device}@{ifindex}.{dir}"));
+            let err = |source: Box<dyn std::error::Error + Send + Sync>| DatapathError::Attach {
+                prog: prog_name,
+                device: device.to_owned(),
+                source,
+            };
+            let prog: &mut SchedClassifier = self
+                .ebpf
+                .program_mut(prog_name)
+                .expect("checked at load")
+                .try_into()
+                .expect("checked at load");
+            let link_id = match PinnedLink::from_pin(&pin) {
+                // A previous agent left its link: swap our program in atomically.
+                Ok(old) => {
+                    let link: SchedClassifierLink =
+                        FdLink::from(old).try_into().map_err(|e| err(Box::new(e)))?;
+                    prog.attach_to_link(link).map_err(|e| err(Box::new(e)))?
+                }
+                Err(_) => prog
+                    .attach_with_options(
+                        device,
+                        attach_type,
+                        TcAttachOptions::TcxOrder(LinkOrder::default()),
+                    )
+                    .map_err(|e| err(Box::new(e)))?,
+            };
+            let link = prog.take_link(link_id).map_err(|e| err(Box::new(e)))?;
+            let fd_link: FdLink = link.try_into().map_err(|e| err(Box::new(e)))?;
+            // Replace a stale pin (same name, link no longer valid) rather than fail.
+            let _ = fs::remove_file(&pin);
+            fd_link.pin(&pin).map_err(|e| err(Box::new(e)))?;
+            pins.push(pin);
+        }
+        Ok(pins)
+    }
+
+    /// Removes link pins whose device no longer exists (left by a crashed agent).
+    pub fn remove_stale_link_pins(&self) {
+        let present = list_devices();
+        let Ok(entries) = fs::read_dir(self.root.join("links")) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let live = name
+                .rsplit_once('.')
+                .and_then(|(dev, _)| dev.rsplit_once('@'))
+                .is_some_and(|(dev, idx)| {
+                    present.get(dev).map(u32::to_string).as_deref() == Some(idx)
+                });
+            if !live {
+                debug!(pin = %name, "removing stale link pin");
+                let _ = fs::remove_file(entry.path());
+            }
+        }
+    }
+
+    /// Detaches from every device and removes the link pins (clean shutdown). The maps
+    /// stay pinned so that the next agent re-adopts services and live flows.
+    pub fn detach_all(&mut self) {
+        for (name, a) in std::mem::take(&mut self.attached) {
+            for pin in a.links {
+                match PinnedLink::from_pin(&pin) {
+                    Ok(link) => match link.unpin() {
+                        // Dropping the last fd of an unpinned link detaches it.
+                        Ok(fd_link) => drop(fd_link),
+                        Err(e) => warn!(device = %name, error = %e, "cannot unpin link"),
+                    },
+                    Err(e) => debug!(device = %name, error = %e, "link pin already gone"),
+                }
+            }
+            info!(device = %name, "detached");
+        }
+    }
+}
+
+fn classify_load_error(e: Box<dyn std::error::Error + Send + Sync>) -> DatapathError {
+    let text = format!("{e:?}");
+    // The verifier log and errno say what is missing; map the common cases to a feature
+    // name an operator can act on.
+    if text.contains("EPERM") || text.contains("Operation not permitted") {
+        return DatapathError::Privilege;
+    }
+    if text.contains("BTF") && text.contains("not supported") {
+        return DatapathError::KernelFeature {
+            kernel: kernel_string(),
+            feature: "BTF",
+            detail: text,
+        };
+    }
+    DatapathError::Load(e)
+}
+
+/// Current network devices: name -> ifindex.
+pub fn list_devices() -> BTreeMap<String, u32> {
+    let mut out = BTreeMap::new();
+    let Ok(entries) = fs::read_dir("/sys/class/net") else {
+        return out;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if let Ok(idx) = fs::read_to_string(entry.path().join("ifindex"))
+            && let Ok(idx) = idx.trim().parse()
+        {
+            out.insert(name, idx);
+        }
+    }
+    out
+}
+
+/// `--devices`: comma-separated names or globs (`*` and `?`).
+#[derive(Debug, Clone)]
+pub struct DevicePatterns(Vec<String>);
+
+impl DevicePatterns {
+    /// Parses `veth*,eth0`.
+    pub fn parse(list: &str) -> Self {
+        Self(
+            list.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(String::from)
+                .collect(),
+        )
+    }
+
+    /// Whether `name` matches any pattern.
+    pub fn matches(&self, name: &str) -> bool {
+        self.0
+            .iter()
+            .any(|p| glob_match(p.as_bytes(), name.as_bytes()))
+    }
+}
+
+fn glob_match(pattern: &[u8], text: &[u8]) -> bool {
+    match (pattern.first(), text.first()) {
+        (None, None) => true,
+        (Some(b'*'), _) => {
+            glob_match(&pattern[1..], text) || (!text.is_empty() && glob_match(pattern, &text[1..]))
+        }
+        (Some(b'?'), Some(_)) => glob_match(&pattern[1..], &text[1..]),
+        (Some(p), Some(t)) if p == t => glob_match(&pattern[1..], &text[1..]),
+        _ => false,
+    }
+}
+
+/// The services and backends maps as the kernel holds them.
+pub struct BpfMaps {
+    services: BpfHashMap<MapData, ServiceKey, ServiceValue>,
+    backends: BpfHashMap<MapData, u32, Backend>,
+}
+
+fn map_io(e: aya::maps::MapError) -> io::Error {
+    match e {
+        aya::maps::MapError::SyscallError(s) => s.io_error,
+        other => io::Error::other(other.to_string()),
+    }
+}
+
+impl ServiceMaps for BpfMaps {
+    fn services(&self) -> Result<Vec<(ServiceKey, ServiceValue)>, MapError> {
+        self.services
+            .iter()
+            .collect::<Result<_, _>>()
+            .map_err(|e| MapError {
+                map: map_names::SERVICES,
+                op: "iterate",
+                key: String::new(),
+                source: map_io(e),
+            })
+    }
+
+    fn backends(&self) -> Result<Vec<(u32, Backend)>, MapError> {
+        self.backends
+            .iter()
+            .collect::<Result<_, _>>()
+            .map_err(|e| MapError {
+                map: map_names::BACKENDS,
+                op: "iterate",
+                key: String::new(),
+                source: map_io(e),
+            })
+    }
+
+    fn put_service(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<(), MapError> {
+        self.services.insert(key, value, 0).map_err(|e| MapError {
+            map: map_names::SERVICES,
+            op: "insert",
+            key: format!("{key:?}"),
+            source: map_io(e),
+        })
+    }
+
+    fn del_service(&mut self, key: &ServiceKey) -> Result<(), MapError> {
+        match self.services.remove(key) {
+            Ok(()) => Ok(()),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(aya::maps::MapError::SyscallError(s))
+                if s.io_error.raw_os_error() == Some(libc::ENOENT) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(MapError {
+                map: map_names::SERVICES,
+                op: "remove",
+                key: format!("{key:?}"),
+                source: map_io(e),
+            }),
+        }
+    }
+
+    fn put_backend(&mut self, id: u32, backend: &Backend) -> Result<(), MapError> {
+        self.backends.insert(id, backend, 0).map_err(|e| MapError {
+            map: map_names::BACKENDS,
+            op: "insert",
+            key: id.to_string(),
+            source: map_io(e),
+        })
+    }
+
+    fn del_backend(&mut self, id: u32) -> Result<(), MapError> {
+        match self.backends.remove(&id) {
+            Ok(()) => Ok(()),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(aya::maps::MapError::SyscallError(s))
+                if s.io_error.raw_os_error() == Some(libc::ENOENT) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(MapError {
+                map: map_names::BACKENDS,
+                op: "remove",
+                key: id.to_string(),
+                source: map_io(e),
+            }),
+        }
+    }
+}
+
+/// The datapath's per-CPU decision counters.
+pub struct Metrics {
+    counters: PerCpuArray<MapData, u64>,
+}
+
+impl Metrics {
+    /// Sums over CPUs: `(reason name, direction name, count)` for every non-zero counter.
+    pub fn snapshot(&self) -> Vec<(&'static str, &'static str, u64)> {
+        let mut out = Vec::new();
+        for idx in 0..METRICS_LEN {
+            let Ok(values) = self.counters.get(&idx, 0) else {
+                continue;
+            };
+            let total: u64 = values.iter().sum();
+            if total > 0 {
+                let reason = lb_common::reason::NAMES[(idx / 2) as usize];
+                let dir = if idx % 2 == 0 { "ingress" } else { "egress" };
+                out.push((reason, dir, total));
+            }
+        }
+        out
+    }
+}
+
+/// A netlink socket subscribed to link changes, so that new devices (pod veths) are
+/// attached as soon as they appear instead of at the next periodic scan.
+pub struct LinkMonitor {
+    fd: tokio::io::unix::AsyncFd<OwnedFd>,
+}
+
+impl LinkMonitor {
+    /// Opens the socket.
+    pub fn open() -> io::Result<Self> {
+        // SAFETY: plain socket(2) call.
+        let raw = unsafe {
+            libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+                libc::NETLINK_ROUTE,
+            )
+        };
+        if raw < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `raw` is a fresh descriptor we own.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        // SAFETY: zeroed sockaddr_nl is valid; fields set below.
+        let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+        addr.nl_family = libc::AF_NETLINK as u16;
+        addr.nl_groups = libc::RTMGRP_LINK as u32;
+        // SAFETY: valid socket and address of the right size.
+        let rc = unsafe {
+            libc::bind(
+                fd.as_raw_fd(),
+                (&addr as *const libc::sockaddr_nl).cast(),
+                std::mem::size_of::<libc::sockaddr_nl>() as u32,
+            )
+        };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is open and owned by the AsyncFd for its whole life.
+        let fd = unsafe { tokio::io::unix::AsyncFd::register(fd) }
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        Ok(Self { fd })
+    }
+
+    /// Waits until at least one link notification arrived, and drains the socket.
+    pub async fn changed(&self) -> io::Result<()> {
+        loop {
+            let mut guard = self.fd.readable().await?;
+            let mut buf = [0u8; 8192];
+            let mut got = false;
+            loop {
+                // SAFETY: reading into our buffer.
+                let n = unsafe {
+                    libc::recv(
+                        self.fd.get_ref().as_raw_fd(),
+                        buf.as_mut_ptr().cast(),
+                        buf.len(),
+                        0,
+                    )
+                };
+                if n > 0 {
+                    got = true;
+                    continue;
+                }
+                let err = io::Error::last_os_error();
+                if n < 0 && err.kind() == io::ErrorKind::WouldBlock {
+                    guard.clear_ready();
+                    break;
+                }
+                if n < 0 && err.raw_os_error() == Some(libc::ENOBUFS) {
+                    // Overrun: we missed messages, which only means "rescan".
+                    got = true;
+                    continue;
+                }
+                return Err(err);
+            }
+            if got {
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// Device names currently matching, for logs.
+pub fn matching_devices(patterns: &DevicePatterns) -> BTreeSet<String> {
+    list_devices()
+        .into_keys()
+        .filter(|n| patterns.matches(n))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn globs() {
+        let p = DevicePatterns::parse("veth*, eth0,lbt-?x");
+        assert!(p.matches("veth123"));
+        assert!(p.matches("veth"));
+        assert!(p.matches("eth0"));
+        assert!(!p.matches("eth1"));
+        assert!(p.matches("lbt-ax"));
+        assert!(!p.matches("lbt-abx"));
+        assert!(!p.matches("lo"));
+    }
+
+    #[test]
+    fn layouts_known_for_every_pinned_map() {
+        for name in map_names::PINNED {
+            assert!(expected_layout(name).is_some(), "{name}");
+        }
+    }
+}

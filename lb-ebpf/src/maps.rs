@@ -1,0 +1,33 @@
+//! Map definitions. Names come from `lb_common::map_names`; the loader pins the ones
+//! listed in `map_names::PINNED` so that services, backends and live flows outlive the
+//! agent process.
+use aya_ebpf::{
+    macros::map,
+    maps::{HashMap, LruHashMap, PerCpuArray},
+};
+use lb_common::{
+    AffinityKey, AffinityValue, Backend, CtKey, CtValue, METRICS_LEN, ServiceKey, ServiceValue,
+    capacity,
+};
+
+/// Frontends (slot 0) and their backend slots (1..=count).
+#[map(name = "LB4_SERVICES")]
+pub static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::pinned(capacity::SERVICES, 0);
+
+/// Backend id -> backend address.
+#[map(name = "LB4_BACKENDS")]
+pub static BACKENDS: HashMap<u32, Backend> = HashMap::pinned(capacity::BACKENDS, 0);
+
+/// Connection tracking, forward and reverse entries. LRU so that a full table evicts the
+/// least recently used flow instead of refusing new ones.
+#[map(name = "LB4_CT")]
+pub static CT: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(capacity::CT, 0);
+
+/// Client IP -> backend for `sessionAffinity: ClientIP`.
+#[map(name = "LB4_AFFINITY")]
+pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
+    LruHashMap::pinned(capacity::AFFINITY, 0);
+
+/// Per-CPU counters by (reason, direction).
+#[map(name = "LB_METRICS")]
+pub static METRICS: PerCpuArray<u64> = PerCpuArray::with_max_entries(METRICS_LEN, 0);

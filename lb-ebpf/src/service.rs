@@ -1,0 +1,117 @@
+//! Frontend lookup and backend selection.
+use aya_ebpf::helpers::bpf_get_prandom_u32;
+use lb_common::{
+    AffinityKey, AffinityValue, BACKEND_ACTIVE, Backend, SVC_F_AFFINITY, ServiceKey, ServiceValue,
+};
+
+use crate::{
+    maps::{AFFINITY, BACKENDS, SERVICES},
+    parse::Packet,
+};
+
+/// The frontend header (slot 0) for the packet's destination, if it is a frontend.
+#[inline(always)]
+pub fn lookup_frontend(pkt: &Packet) -> Option<ServiceValue> {
+    let key = ServiceKey::new(pkt.daddr, pkt.dport, pkt.proto, 0);
+    // SAFETY: copied out at once.
+    unsafe { SERVICES.get(&key).copied() }
+}
+
+/// Whether the packet's destination address is a Service address (any port).
+#[inline(always)]
+pub fn is_service_addr(pkt: &Packet) -> bool {
+    // SAFETY: only presence is checked.
+    unsafe { SERVICES.get(&ServiceKey::addr_marker(pkt.daddr)).is_some() }
+}
+
+/// A copy of backend `id`, if it exists.
+#[inline(always)]
+pub fn backend(id: u32) -> Option<Backend> {
+    // SAFETY: copied out at once.
+    unsafe { BACKENDS.get(&id).copied() }
+}
+
+/// A chosen backend and how it was chosen.
+pub struct Selection {
+    /// Backend id.
+    pub id: u32,
+    /// The backend.
+    pub backend: Backend,
+    /// Chosen from the client's session affinity entry.
+    pub sticky: bool,
+}
+
+/// Picks a backend for a new flow of `pkt` to frontend `svc` (which has `count > 0`):
+/// the client's remembered backend under `sessionAffinity: ClientIP` while it is fresh
+/// and still active, otherwise a uniformly random slot.
+#[inline(always)]
+pub fn select(pkt: &Packet, svc: &ServiceValue, now: u64) -> Option<Selection> {
+    let affinity = svc.flags & SVC_F_AFFINITY != 0;
+    let akey = AffinityKey {
+        client_addr_be: pkt.saddr,
+        service_id: svc.service_id,
+    };
+    if affinity && let Some(sel) = sticky(&akey, svc, now) {
+        return Some(sel);
+    }
+    let sel = random_slot(pkt, svc)?;
+    if affinity {
+        let value = AffinityValue {
+            backend_id: sel.id,
+            _pad: 0,
+            last_used_ns: now,
+        };
+        // Best effort: without the entry the next connection is balanced randomly.
+        let _ = AFFINITY.insert(&akey, &value, 0);
+    }
+    Some(sel)
+}
+
+#[inline(always)]
+fn sticky(akey: &AffinityKey, svc: &ServiceValue, now: u64) -> Option<Selection> {
+    let entry = AFFINITY.get_ptr_mut(akey)?;
+    // SAFETY: valid map value pointer; concurrent writers only store whole values.
+    let (id, last) = unsafe { ((*entry).backend_id, (*entry).last_used_ns) };
+    let timeout_ns = u64::from(svc.affinity_timeout_s) * 1_000_000_000;
+    if now.wrapping_sub(last) > timeout_ns {
+        return None;
+    }
+    let b = backend(id)?;
+    if b.state != BACKEND_ACTIVE || b.service_id != svc.service_id {
+        return None;
+    }
+    // The timeout counts from the client's last new connection, as with kube-proxy.
+    // SAFETY: as above.
+    unsafe { (*entry).last_used_ns = now };
+    Some(Selection {
+        id,
+        backend: b,
+        sticky: true,
+    })
+}
+
+#[inline(always)]
+fn random_slot(pkt: &Packet, svc: &ServiceValue) -> Option<Selection> {
+    // SAFETY: helper without arguments.
+    let r = unsafe { bpf_get_prandom_u32() };
+    let count = u32::from(svc.count);
+    let slot = (1 + r % count) as u16;
+    let mut key = ServiceKey::new(pkt.daddr, pkt.dport, pkt.proto, slot);
+    // SAFETY: copied out at once.
+    let id = match unsafe { SERVICES.get(&key) } {
+        Some(v) => v.backend_id,
+        None => {
+            // The agent is shrinking this Service right now and removed the slot after
+            // we read the count: slot 1 always exists while count > 0.
+            key.slot = 1;
+            // SAFETY: as above.
+            unsafe { SERVICES.get(&key) }?.backend_id
+        }
+    };
+    let b = backend(id)?;
+    Some(Selection {
+        id,
+        backend: b,
+        sticky: false,
+    })
+}
