@@ -136,6 +136,15 @@ pub fn prepare(root: &Path) -> Result<()> {
             source,
         })?;
         info!(path = BPFFS_MOUNT, "mounted bpffs");
+        if private_mount_namespace() {
+            // e.g. under `ip netns exec`, which remounts /sys: this bpffs instance dies
+            // with the namespace, and with it the pins meant to outlive the agent.
+            warn!(
+                "bpffs was mounted inside a private mount namespace: pinned maps and links \
+                 will not outlive this process (enter only the network namespace, e.g. \
+                 `nsenter --net=/run/netns/NAME`, to keep the host's bpffs)"
+            );
+        }
     }
     for dir in [root.to_path_buf(), root.join("links")] {
         fs::create_dir_all(&dir).map_err(|source| DatapathError::PinDir {
@@ -150,6 +159,13 @@ pub fn prepare(root: &Path) -> Result<()> {
         });
     }
     Ok(())
+}
+
+fn private_mount_namespace() -> bool {
+    match (fs::read_link("/proc/self/ns/mnt"), fs::read_link("/proc/1/ns/mnt")) {
+        (Ok(own), Ok(init)) => own != init,
+        _ => false,
+    }
 }
 
 fn is_bpffs(path: &Path) -> bool {
@@ -458,19 +474,26 @@ fn classify_load_error(e: Box<dyn std::error::Error + Send + Sync>) -> DatapathE
     DatapathError::Load(e)
 }
 
-/// Current network devices: name -> ifindex.
+/// Current network devices of this network namespace: name -> ifindex.
+///
+/// Asked of the kernel (`if_nameindex`) rather than read from /sys/class/net, which shows
+/// the devices of whichever namespace /sys was mounted in.
 pub fn list_devices() -> BTreeMap<String, u32> {
     let mut out = BTreeMap::new();
-    let Ok(entries) = fs::read_dir("/sys/class/net") else {
+    // SAFETY: returns a heap array terminated by a zero entry, or null on error.
+    let head = unsafe { libc::if_nameindex() };
+    if head.is_null() {
         return out;
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if let Ok(idx) = fs::read_to_string(entry.path().join("ifindex"))
-            && let Ok(idx) = idx.trim().parse()
-        {
-            out.insert(name, idx);
+    }
+    let mut cur = head;
+    // SAFETY: walking the array up to its terminator, then freeing it once.
+    unsafe {
+        while (*cur).if_index != 0 && !(*cur).if_name.is_null() {
+            let name = std::ffi::CStr::from_ptr((*cur).if_name).to_string_lossy().into_owned();
+            out.insert(name, (*cur).if_index);
+            cur = cur.add(1);
         }
+        libc::if_freenameindex(head);
     }
     out
 }
