@@ -11,8 +11,8 @@ use aya_build::Toolchain;
 fn main() -> anyhow::Result<()> {
     println!("cargo::rustc-check-cfg=cfg(embedded_obj)");
     println!("cargo::rerun-if-env-changed=AYA_BUILD_SKIP");
-    let skip = std::env::var("AYA_BUILD_SKIP")
-        .is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
+    let skip =
+        std::env::var("AYA_BUILD_SKIP").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
     if skip {
         return Ok(());
     }
@@ -32,12 +32,19 @@ fn main() -> anyhow::Result<()> {
         .into_iter()
         .find(|p| p.name.as_str() == "lb-ebpf")
         .ok_or_else(|| anyhow!("package lb-ebpf not found in the workspace"))?;
-    let root = ebpf.manifest_path.parent().ok_or_else(|| anyhow!("lb-ebpf has no directory"))?;
+    let root = ebpf
+        .manifest_path
+        .parent()
+        .ok_or_else(|| anyhow!("lb-ebpf has no directory"))?;
     // Rebuild when the datapath or the shared types change.
     println!("cargo::rerun-if-changed={root}/src");
     println!("cargo::rerun-if-changed={root}/../lb-common/src");
     aya_build::build_ebpf(
-        [aya_build::Package { name: ebpf.name.as_str(), root_dir: root.as_str(), ..Default::default() }],
+        [aya_build::Package {
+            name: ebpf.name.as_str(),
+            root_dir: root.as_str(),
+            ..Default::default()
+        }],
         Toolchain::Custom(&toolchain),
     )
 }

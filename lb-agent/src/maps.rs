@@ -25,7 +25,10 @@ pub struct MapError {
 impl MapError {
     /// Whether the map is full (the kernel answers E2BIG/ENOSPC/ENOMEM to an insert).
     pub fn is_full(&self) -> bool {
-        matches!(self.source.raw_os_error(), Some(libc::E2BIG | libc::ENOSPC | libc::ENOMEM))
+        matches!(
+            self.source.raw_os_error(),
+            Some(libc::E2BIG | libc::ENOSPC | libc::ENOMEM)
+        )
     }
 }
 
