@@ -162,7 +162,10 @@ pub fn prepare(root: &Path) -> Result<()> {
 }
 
 fn private_mount_namespace() -> bool {
-    match (fs::read_link("/proc/self/ns/mnt"), fs::read_link("/proc/1/ns/mnt")) {
+    match (
+        fs::read_link("/proc/self/ns/mnt"),
+        fs::read_link("/proc/1/ns/mnt"),
+    ) {
         (Ok(own), Ok(init)) => own != init,
         _ => false,
     }
@@ -489,7 +492,9 @@ pub fn list_devices() -> BTreeMap<String, u32> {
     // SAFETY: walking the array up to its terminator, then freeing it once.
     unsafe {
         while (*cur).if_index != 0 && !(*cur).if_name.is_null() {
-            let name = std::ffi::CStr::from_ptr((*cur).if_name).to_string_lossy().into_owned();
+            let name = std::ffi::CStr::from_ptr((*cur).if_name)
+                .to_string_lossy()
+                .into_owned();
             out.insert(name, (*cur).if_index);
             cur = cur.add(1);
         }

@@ -1,1 +1,215 @@
-fn main() {}
+//! lb-agent: the node agent. Reads Services and their endpoints, computes the service
+//! and backend tables, writes only the difference into the BPF maps, and keeps the TC
+//! programs attached to the node's devices.
+use std::{
+    collections::BTreeSet,
+    path::PathBuf,
+    process::ExitCode,
+    time::{Duration, Instant},
+};
+
+use clap::Parser;
+use lb_agent::{
+    apply::Applier,
+    datapath::{self, Datapath, DevicePatterns, LinkMonitor},
+    manifests::ManifestDir,
+    model,
+};
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::{error, info, warn};
+
+/// eBPF Service load balancer: a kube-proxy replacement.
+///
+/// Translates traffic to Service ClusterIPs into pod backends in the kernel (TC programs),
+/// fed from a directory of Kubernetes manifests (Service, EndpointSlice, Endpoints) that is
+/// followed live.
+#[derive(Debug, Parser)]
+#[command(name = "lb-agent", version)]
+struct Cli {
+    /// Directory of Kubernetes manifests (*.yaml, *.yml, *.json: Service,
+    /// discovery.k8s.io/v1 EndpointSlice, v1 Endpoints), as `kubectl apply -f DIR` takes
+    /// them. Edits are applied live.
+    #[arg(long, value_name = "DIR")]
+    manifests: PathBuf,
+
+    /// Devices to attach to: comma-separated names or globs (`veth*,eth0`). Matching
+    /// devices that appear later (pod veths) are attached when they appear.
+    #[arg(long, value_name = "LIST", required_unless_present = "dry_run")]
+    devices: Option<String>,
+
+    /// Directory on bpffs where maps and links that outlive the agent are pinned
+    /// (bpffs is mounted at /sys/fs/bpf if it is not mounted).
+    #[arg(long, value_name = "PATH", default_value = "/sys/fs/bpf/lb")]
+    bpffs_root: PathBuf,
+
+    /// Load the datapath from this eBPF object instead of the one built into the binary.
+    #[arg(long, value_name = "PATH")]
+    ebpf_object: Option<PathBuf>,
+
+    /// How often the manifests directory is checked for changes, in milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = 200)]
+    poll_interval_ms: u64,
+
+    /// Print the service and backend tables computed from the manifests as JSON, and
+    /// exit without touching the kernel (needs no privilege).
+    #[arg(long)]
+    dry_run: bool,
+
+    /// Log filter (tracing EnvFilter syntax, e.g. `info`, `lb_agent=debug`); the
+    /// `LB_LOG` environment variable is used when this is not given.
+    #[arg(long, value_name = "FILTER")]
+    log_level: Option<String>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_level.as_deref());
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            error!("cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line, naming what failed and why.
+            error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(filter: Option<&str>) {
+    use tracing_subscriber::EnvFilter;
+    let filter = match filter {
+        Some(f) => EnvFilter::new(f),
+        None => EnvFilter::try_from_env("LB_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let mut dir = ManifestDir::open(&cli.manifests)?;
+    if cli.dry_run {
+        let scan = dir.rescan()?.unwrap_or_default();
+        report_problems(
+            &mut BTreeSet::new(),
+            scan.problems.iter().map(ToString::to_string),
+        );
+        let desired = model::desired_state(&scan.objects);
+        report_problems(
+            &mut BTreeSet::new(),
+            desired.problems.iter().map(ToString::to_string),
+        );
+        println!("{}", serde_json::to_string_pretty(&desired.to_json())?);
+        return Ok(());
+    }
+    let patterns = DevicePatterns::parse(cli.devices.as_deref().unwrap_or_default());
+
+    datapath::prepare(&cli.bpffs_root)?;
+    let mut dp = Datapath::load(&cli.bpffs_root, cli.ebpf_object.as_deref())?;
+    let mut maps = dp.service_maps()?;
+    let metrics = dp.metrics()?;
+    let mut applier = Applier::adopt(&maps)?;
+
+    // First sync before attaching to new devices: packets that reach the programs always
+    // see a complete table (after a restart, the adopted one until this sync lands).
+    let mut reported = BTreeSet::new();
+    let mut last_scan = dir.rescan()?.unwrap_or_default();
+    sync(&mut applier, &mut maps, &last_scan, &mut reported);
+
+    dp.remove_stale_link_pins();
+    let monitor = LinkMonitor::open().map_err(|e| anyhow::anyhow!("netlink link monitor: {e}"))?;
+    dp.sync_devices(&patterns);
+    let devices: Vec<&str> = dp.devices().collect();
+    if devices.is_empty() {
+        warn!(
+            patterns = cli.devices.as_deref().unwrap_or_default(),
+            "no matching device yet"
+        );
+    }
+    info!(devices = ?devices, manifests = %cli.manifests.display(), "lb-agent ready");
+
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut poll = tokio::time::interval(Duration::from_millis(cli.poll_interval_ms.max(10)));
+    let mut device_rescan = tokio::time::interval(Duration::from_secs(2));
+    let mut stats_tick = tokio::time::interval(Duration::from_secs(60));
+    loop {
+        tokio::select! {
+            _ = sigterm.recv() => break,
+            _ = sigint.recv() => break,
+            _ = poll.tick() => match dir.rescan() {
+                Ok(Some(scan)) => {
+                    last_scan = scan;
+                    sync(&mut applier, &mut maps, &last_scan, &mut reported);
+                }
+                Ok(None) => {}
+                Err(e) => warn!("{e}"),
+            },
+            r = monitor.changed() => {
+                if let Err(e) = r {
+                    warn!(error = %e, "link monitor failed; relying on periodic rescans");
+                    std::future::pending::<()>().await;
+                }
+                dp.sync_devices(&patterns);
+            }
+            _ = device_rescan.tick() => { dp.sync_devices(&patterns); }
+            _ = stats_tick.tick() => {
+                let counters = metrics.snapshot();
+                info!(counters = ?counters, "datapath counters");
+            }
+        }
+    }
+    info!("shutting down: detaching programs (maps stay pinned for the next agent)");
+    dp.detach_all();
+    Ok(())
+}
+
+/// Recomputes the desired tables from `scan` and applies the difference.
+fn sync(
+    applier: &mut Applier,
+    maps: &mut datapath::BpfMaps,
+    scan: &lb_agent::manifests::Scan,
+    reported: &mut BTreeSet<String>,
+) {
+    let started = Instant::now();
+    let desired = model::desired_state(&scan.objects);
+    let mut problems: Vec<String> = scan.problems.iter().map(ToString::to_string).collect();
+    problems.extend(desired.problems.iter().map(ToString::to_string));
+    match applier.sync(&desired, maps) {
+        Ok(stats) => {
+            problems.extend(stats.failed.iter().map(ToString::to_string));
+            info!(
+                services = desired.services.len(),
+                writes = stats.writes,
+                deletes = stats.deletes,
+                micros = started.elapsed().as_micros() as u64,
+                "synced"
+            );
+        }
+        Err(e) => error!("sync failed: {e}"),
+    }
+    report_problems(reported, problems);
+}
+
+/// Logs problems that are new since the last report, and notes the ones that went away,
+/// so that a persistent problem is reported once rather than at every sync.
+fn report_problems(reported: &mut BTreeSet<String>, current: impl IntoIterator<Item = String>) {
+    let current: BTreeSet<String> = current.into_iter().collect();
+    for p in current.difference(reported) {
+        warn!("{p}");
+    }
+    for p in reported.difference(&current) {
+        info!("resolved: {p}");
+    }
+    *reported = current;
+}

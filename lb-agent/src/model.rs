@@ -1,0 +1,1177 @@
+//! The desired state: Kubernetes objects in, service and backend tables out.
+//!
+//! [`desired_state`] is a pure function: the same objects always give the same tables,
+//! whatever the order they arrived in, and nothing here touches the kernel. Both sources
+//! (the manifests directory and the Kubernetes API) feed it; `apply` writes its result.
+//!
+//! The semantics are kube-proxy's:
+//! - Services of type `ExternalName`, headless Services (`clusterIP: None`) and Services
+//!   labelled `service.kubernetes.io/service-proxy-name` get no entries.
+//! - Each Service port is a frontend per ClusterIP. Its endpoints are the EndpointSlice
+//!   ports with the *same name* (and protocol) as the Service port: that is how a
+//!   `targetPort` given by name resolves, the endpoint controller having written the
+//!   resolved number into the slice.
+//! - Ready endpoints take new connections. When none is ready, endpoints that are serving
+//!   and terminating do (KEP-1669). Every other known endpoint keeps its established flows
+//!   but gets no new one.
+//! - A selectorless Service may be backed by a hand-written v1 `Endpoints` object; it is
+//!   used when no EndpointSlice exists for the Service, as the EndpointSlice mirroring
+//!   controller would mirror it.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::{IpAddr, Ipv4Addr},
+};
+
+use k8s_openapi::api::{
+    core::v1::{Endpoints, Service},
+    discovery::v1::EndpointSlice,
+};
+use lb_common::proto;
+use serde_json::json;
+
+/// Label that hands a Service to another proxy.
+pub const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
+/// Label the endpoint controller puts on slices of headless Services.
+pub const LABEL_HEADLESS: &str = "service.kubernetes.io/headless";
+/// Label naming the Service an EndpointSlice belongs to.
+pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
+/// `sessionAffinityConfig.clientIP.timeoutSeconds` when not given.
+pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
+/// Largest affinity timeout the API accepts (one day).
+pub const MAX_AFFINITY_TIMEOUT_S: u32 = 86_400;
+
+/// Names an object in messages: `Service default/web`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ObjectRef {
+    /// `Service`, `EndpointSlice`, `Endpoints`, ...
+    pub kind: String,
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+}
+
+impl ObjectRef {
+    /// A reference to `kind namespace/name`.
+    pub fn new(kind: &str, namespace: &str, name: &str) -> Self {
+        Self {
+            kind: kind.to_owned(),
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+        }
+    }
+}
+
+impl fmt::Display for ObjectRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.namespace.is_empty() {
+            write!(f, "{} {}", self.kind, self.name)
+        } else {
+            write!(f, "{} {}/{}", self.kind, self.namespace, self.name)
+        }
+    }
+}
+
+/// Something wrong with an object: reported, never fatal to other objects.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Problem {
+    /// The object at fault.
+    pub object: ObjectRef,
+    /// What is wrong, in words an operator can act on.
+    pub reason: String,
+}
+
+impl Problem {
+    /// A problem with `object`.
+    pub fn new(object: ObjectRef, reason: impl Into<String>) -> Self {
+        Self {
+            object,
+            reason: reason.into(),
+        }
+    }
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.object, self.reason)
+    }
+}
+
+/// Namespace and name, the key of every object map.
+pub type Key = (String, String);
+
+/// All objects a source currently holds.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Objects {
+    /// Services by (namespace, name).
+    pub services: BTreeMap<Key, Service>,
+    /// EndpointSlices by (namespace, name).
+    pub endpoint_slices: BTreeMap<Key, EndpointSlice>,
+    /// v1 Endpoints by (namespace, name) (the Service's name).
+    pub endpoints: BTreeMap<Key, Endpoints>,
+}
+
+/// L4 protocol of a frontend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Protocol {
+    /// TCP.
+    Tcp,
+    /// UDP.
+    Udp,
+}
+
+impl Protocol {
+    /// IP protocol number.
+    pub fn number(self) -> u8 {
+        match self {
+            Self::Tcp => proto::TCP,
+            Self::Udp => proto::UDP,
+        }
+    }
+
+    /// The Kubernetes spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Tcp => "TCP",
+            Self::Udp => "UDP",
+        }
+    }
+}
+
+/// A Service port on one ClusterIP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Frontend {
+    /// The ClusterIP.
+    pub addr: Ipv4Addr,
+    /// The Service port.
+    pub port: u16,
+    /// The protocol.
+    pub proto: Protocol,
+}
+
+impl fmt::Display for Frontend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}/{}", self.addr, self.port, self.proto.as_str())
+    }
+}
+
+/// A pod endpoint: address and target port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct BackendAddr {
+    /// Pod IP.
+    pub addr: Ipv4Addr,
+    /// Target port.
+    pub port: u16,
+}
+
+impl fmt::Display for BackendAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.addr, self.port)
+    }
+}
+
+/// What one frontend should look like in the maps.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DesiredService {
+    /// The Service that defines this frontend.
+    pub owner: ObjectRef,
+    /// The Service port's name ("" when unnamed).
+    pub port_name: String,
+    /// Backends that take new connections, sorted.
+    pub active: Vec<BackendAddr>,
+    /// Known backends that keep their established flows but take no new ones, sorted.
+    pub terminating: Vec<BackendAddr>,
+    /// `sessionAffinity: ClientIP` timeout, if set.
+    pub affinity_timeout_s: Option<u32>,
+}
+
+/// The desired tables plus everything that was wrong with the input.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Desired {
+    /// Frontends and their backends.
+    pub services: BTreeMap<Frontend, DesiredService>,
+    /// Problems found, sorted.
+    pub problems: Vec<Problem>,
+}
+
+impl Desired {
+    /// The tables as JSON (`lb-agent --dry-run`).
+    pub fn to_json(&self) -> serde_json::Value {
+        let services: Vec<_> = self
+            .services
+            .iter()
+            .map(|(fe, svc)| {
+                json!({
+                    "frontend": fe.to_string(),
+                    "service": format!("{}/{}", svc.owner.namespace, svc.owner.name),
+                    "port_name": svc.port_name,
+                    "backends": svc.active.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                    "terminating": svc.terminating.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                    "session_affinity_timeout_s": svc.affinity_timeout_s,
+                })
+            })
+            .collect();
+        let problems: Vec<_> = self.problems.iter().map(ToString::to_string).collect();
+        json!({ "services": services, "problems": problems })
+    }
+}
+
+/// One endpoint as seen in a slice, with its conditions resolved.
+#[derive(Debug, Clone, Copy)]
+struct Seen {
+    backend: BackendAddr,
+    ready: bool,
+    serving: bool,
+    terminating: bool,
+}
+
+/// Computes the desired tables from `objects`.
+pub fn desired_state(objects: &Objects) -> Desired {
+    let mut problems = BTreeSet::new();
+    let mut services: BTreeMap<Frontend, DesiredService> = BTreeMap::new();
+    let slices_by_service = group_slices(objects);
+
+    // BTreeMap order is (namespace, name): the first claimant of a frontend keeps it.
+    for ((ns, name), svc) in &objects.services {
+        let owner = ObjectRef::new("Service", ns, name);
+        let Some(spec) = svc.spec.as_ref() else {
+            continue;
+        };
+        if spec.type_.as_deref() == Some("ExternalName") {
+            continue;
+        }
+        if svc
+            .metadata
+            .labels
+            .as_ref()
+            .is_some_and(|l| l.contains_key(LABEL_SERVICE_PROXY_NAME))
+        {
+            continue;
+        }
+        let ips = cluster_ips(spec);
+        if ips.iter().any(|ip| ip.eq_ignore_ascii_case("None")) || ips.is_empty() {
+            continue;
+        }
+        let mut addrs = Vec::new();
+        for ip in &ips {
+            match ip.parse::<IpAddr>() {
+                Ok(IpAddr::V4(v4)) => addrs.push(v4),
+                Ok(IpAddr::V6(_)) => {
+                    problems.insert(Problem::new(
+                        owner.clone(),
+                        format!("ClusterIP {ip} is IPv6, which is not supported yet; skipped"),
+                    ));
+                }
+                Err(_) => {
+                    problems.insert(Problem::new(
+                        owner.clone(),
+                        format!("clusterIP {ip:?} is not a valid IP address"),
+                    ));
+                }
+            }
+        }
+        if addrs.is_empty() {
+            continue;
+        }
+        let affinity = match affinity_timeout(svc) {
+            Ok(a) => a,
+            Err(reason) => {
+                problems.insert(Problem::new(owner.clone(), reason));
+                Some(DEFAULT_AFFINITY_TIMEOUT_S)
+            }
+        };
+        let endpoints = endpoints_of(objects, ns, name, slices_by_service.get(&(ns, name)));
+        for port in spec.ports.iter().flatten() {
+            let port_name = port.name.clone().unwrap_or_default();
+            let what = if port_name.is_empty() {
+                format!("port {}", port.port)
+            } else {
+                format!("port {:?} ({})", port_name, port.port)
+            };
+            let proto = match port.protocol.as_deref().unwrap_or("TCP") {
+                "TCP" => Protocol::Tcp,
+                "UDP" => Protocol::Udp,
+                "SCTP" => {
+                    problems.insert(Problem::new(
+                        owner.clone(),
+                        format!("{what}: SCTP is not supported yet; skipped"),
+                    ));
+                    continue;
+                }
+                other => {
+                    problems.insert(Problem::new(
+                        owner.clone(),
+                        format!("{what}: unknown protocol {other:?}; skipped"),
+                    ));
+                    continue;
+                }
+            };
+            let Ok(svc_port) = u16::try_from(port.port) else {
+                problems.insert(Problem::new(
+                    owner.clone(),
+                    format!("{what}: port out of range"),
+                ));
+                continue;
+            };
+            if svc_port == 0 {
+                problems.insert(Problem::new(
+                    owner.clone(),
+                    format!("{what}: port must not be 0"),
+                ));
+                continue;
+            }
+            let (active, terminating) = select_endpoints(&endpoints, &port_name, proto);
+            for addr in &addrs {
+                let fe = Frontend {
+                    addr: *addr,
+                    port: svc_port,
+                    proto,
+                };
+                if let Some(existing) = services.get(&fe) {
+                    let reason = if existing.owner == owner {
+                        format!("{fe} is defined twice in this Service; the second is ignored")
+                    } else {
+                        format!(
+                            "{fe} is already claimed by {}; this port is ignored",
+                            existing.owner
+                        )
+                    };
+                    problems.insert(Problem::new(owner.clone(), reason));
+                    continue;
+                }
+                services.insert(
+                    fe,
+                    DesiredService {
+                        owner: owner.clone(),
+                        port_name: port_name.clone(),
+                        active: active.clone(),
+                        terminating: terminating.clone(),
+                        affinity_timeout_s: affinity,
+                    },
+                );
+            }
+        }
+    }
+    Desired {
+        services,
+        problems: problems.into_iter().collect(),
+    }
+}
+
+fn cluster_ips(spec: &k8s_openapi::api::core::v1::ServiceSpec) -> Vec<String> {
+    match (&spec.cluster_ips, &spec.cluster_ip) {
+        (Some(ips), _) if !ips.is_empty() => ips.clone(),
+        (_, Some(ip)) if !ip.is_empty() => vec![ip.clone()],
+        _ => Vec::new(),
+    }
+}
+
+fn affinity_timeout(svc: &Service) -> Result<Option<u32>, String> {
+    let Some(spec) = svc.spec.as_ref() else {
+        return Ok(None);
+    };
+    if spec.session_affinity.as_deref() != Some("ClientIP") {
+        return Ok(None);
+    }
+    let timeout = spec
+        .session_affinity_config
+        .as_ref()
+        .and_then(|c| c.client_ip.as_ref())
+        .and_then(|c| c.timeout_seconds);
+    match timeout {
+        None => Ok(Some(DEFAULT_AFFINITY_TIMEOUT_S)),
+        Some(t) if t >= 1 && t as u32 <= MAX_AFFINITY_TIMEOUT_S => Ok(Some(t as u32)),
+        Some(t) => Err(format!(
+            "sessionAffinityConfig.clientIP.timeoutSeconds {t} is outside 1..={MAX_AFFINITY_TIMEOUT_S}; using {DEFAULT_AFFINITY_TIMEOUT_S}"
+        )),
+    }
+}
+
+/// Slices by the (namespace, name) of the Service they belong to, skipping the ones
+/// kube-proxy's label selector leaves out.
+fn group_slices(objects: &Objects) -> BTreeMap<(&str, &str), Vec<&EndpointSlice>> {
+    let mut out: BTreeMap<(&str, &str), Vec<&EndpointSlice>> = BTreeMap::new();
+    for ((ns, _), slice) in &objects.endpoint_slices {
+        let Some(labels) = slice.metadata.labels.as_ref() else {
+            continue;
+        };
+        if labels.contains_key(LABEL_HEADLESS) || labels.contains_key(LABEL_SERVICE_PROXY_NAME) {
+            continue;
+        }
+        let Some(service) = labels.get(LABEL_SERVICE_NAME) else {
+            continue;
+        };
+        out.entry((ns.as_str(), service.as_str()))
+            .or_default()
+            .push(slice);
+    }
+    out
+}
+
+/// Endpoint entries of one Service, per (port name, protocol).
+type PortEndpoints = BTreeMap<(String, Protocol), Vec<Seen>>;
+
+fn parse_protocol(p: Option<&str>) -> Option<Protocol> {
+    match p.unwrap_or("TCP") {
+        "TCP" => Some(Protocol::Tcp),
+        "UDP" => Some(Protocol::Udp),
+        _ => None,
+    }
+}
+
+fn endpoints_of(
+    objects: &Objects,
+    ns: &str,
+    name: &str,
+    slices: Option<&Vec<&EndpointSlice>>,
+) -> PortEndpoints {
+    let mut out = PortEndpoints::new();
+    match slices {
+        Some(slices) => {
+            for slice in slices {
+                if slice.address_type != "IPv4" {
+                    continue;
+                }
+                for port in slice.ports.iter().flatten() {
+                    let (Some(number), Some(proto)) =
+                        (port.port, parse_protocol(port.protocol.as_deref()))
+                    else {
+                        continue;
+                    };
+                    let Ok(number) = u16::try_from(number) else {
+                        continue;
+                    };
+                    let entry = out
+                        .entry((port.name.clone().unwrap_or_default(), proto))
+                        .or_default();
+                    for ep in &slice.endpoints {
+                        let c = ep.conditions.as_ref();
+                        let ready = c.and_then(|c| c.ready).unwrap_or(true);
+                        // As kube-proxy reads them: an absent `serving` counts as true.
+                        let serving = c.and_then(|c| c.serving).unwrap_or(true);
+                        let terminating = c.and_then(|c| c.terminating).unwrap_or(false);
+                        // kube-proxy uses the first address of each endpoint.
+                        let Some(Ok(addr)) = ep.addresses.first().map(|a| a.parse::<Ipv4Addr>())
+                        else {
+                            continue;
+                        };
+                        entry.push(Seen {
+                            backend: BackendAddr { addr, port: number },
+                            ready,
+                            serving,
+                            terminating,
+                        });
+                    }
+                }
+            }
+        }
+        None => {
+            let Some(eps) = objects.endpoints.get(&(ns.to_owned(), name.to_owned())) else {
+                return out;
+            };
+            for subset in eps.subsets.iter().flatten() {
+                for port in subset.ports.iter().flatten() {
+                    let Some(proto) = parse_protocol(port.protocol.as_deref()) else {
+                        continue;
+                    };
+                    let Ok(number) = u16::try_from(port.port) else {
+                        continue;
+                    };
+                    let entry = out
+                        .entry((port.name.clone().unwrap_or_default(), proto))
+                        .or_default();
+                    for (list, ready) in [
+                        (&subset.addresses, true),
+                        (&subset.not_ready_addresses, false),
+                    ] {
+                        for a in list.iter().flatten() {
+                            let Ok(addr) = a.ip.parse::<Ipv4Addr>() else {
+                                continue;
+                            };
+                            entry.push(Seen {
+                                backend: BackendAddr { addr, port: number },
+                                ready,
+                                serving: ready,
+                                terminating: false,
+                            });
+                        }
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Splits the endpoints of one Service port into (active, terminating), both sorted and
+/// de-duplicated. An endpoint listed twice (two slices) counts with its best conditions.
+fn select_endpoints(
+    endpoints: &PortEndpoints,
+    port_name: &str,
+    proto: Protocol,
+) -> (Vec<BackendAddr>, Vec<BackendAddr>) {
+    let Some(seen) = endpoints.get(&(port_name.to_owned(), proto)) else {
+        return (Vec::new(), Vec::new());
+    };
+    let mut merged: BTreeMap<BackendAddr, Seen> = BTreeMap::new();
+    for s in seen {
+        merged
+            .entry(s.backend)
+            .and_modify(|m| {
+                m.ready |= s.ready;
+                m.serving |= s.serving;
+                m.terminating &= s.terminating;
+            })
+            .or_insert(*s);
+    }
+    let ready: BTreeSet<BackendAddr> = merged
+        .values()
+        .filter(|s| s.ready)
+        .map(|s| s.backend)
+        .collect();
+    let active: BTreeSet<BackendAddr> = if ready.is_empty() {
+        merged
+            .values()
+            .filter(|s| s.serving && s.terminating)
+            .map(|s| s.backend)
+            .collect()
+    } else {
+        ready
+    };
+    let terminating = merged
+        .keys()
+        .filter(|b| !active.contains(b))
+        .copied()
+        .collect();
+    (active.into_iter().collect(), terminating)
+}
+
+#[cfg(test)]
+pub mod fixtures {
+    //! Builders for test objects.
+    use std::collections::BTreeMap;
+
+    use k8s_openapi::{
+        api::{
+            core::v1::{
+                ClientIPConfig, EndpointAddress, EndpointPort as CorePort, EndpointSubset,
+                Endpoints, Service, ServicePort, ServiceSpec, SessionAffinityConfig,
+            },
+            discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice},
+        },
+        apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
+    };
+
+    use super::*;
+
+    fn meta(ns: &str, name: &str) -> ObjectMeta {
+        ObjectMeta {
+            namespace: Some(ns.to_owned()),
+            name: Some(name.to_owned()),
+            ..Default::default()
+        }
+    }
+
+    /// `Service` builder.
+    pub struct Svc(pub Service);
+
+    /// A ClusterIP Service with no ports yet.
+    pub fn svc(ns: &str, name: &str) -> Svc {
+        Svc(Service {
+            metadata: meta(ns, name),
+            spec: Some(ServiceSpec::default()),
+            ..Default::default()
+        })
+    }
+
+    impl Svc {
+        fn spec(&mut self) -> &mut ServiceSpec {
+            self.0.spec.get_or_insert_with(Default::default)
+        }
+        /// Sets `clusterIP` and `clusterIPs`.
+        pub fn cluster_ip(mut self, ip: &str) -> Self {
+            self.spec().cluster_ip = Some(ip.to_owned());
+            self.spec().cluster_ips = Some(vec![ip.to_owned()]);
+            self
+        }
+        /// Sets `clusterIPs` only.
+        pub fn cluster_ips(mut self, ips: &[&str]) -> Self {
+            self.spec().cluster_ips = Some(ips.iter().map(|s| (*s).to_owned()).collect());
+            self
+        }
+        /// Adds a port (`target` is a named or numbered targetPort).
+        pub fn port(mut self, name: &str, port: i32, proto: &str, target: &str) -> Self {
+            let target = match target.parse::<i32>() {
+                Ok(n) => IntOrString::Int(n),
+                Err(_) => IntOrString::String(target.to_owned()),
+            };
+            self.spec()
+                .ports
+                .get_or_insert_with(Vec::new)
+                .push(ServicePort {
+                    name: (!name.is_empty()).then(|| name.to_owned()),
+                    port,
+                    protocol: Some(proto.to_owned()),
+                    target_port: Some(target),
+                    ..Default::default()
+                });
+            self
+        }
+        /// Sets `spec.type`.
+        pub fn type_(mut self, t: &str) -> Self {
+            self.spec().type_ = Some(t.to_owned());
+            self
+        }
+        /// Adds a label.
+        pub fn label(mut self, k: &str, v: &str) -> Self {
+            self.0
+                .metadata
+                .labels
+                .get_or_insert_with(BTreeMap::new)
+                .insert(k.to_owned(), v.to_owned());
+            self
+        }
+        /// `sessionAffinity: ClientIP` with an optional timeout.
+        pub fn affinity(mut self, timeout: Option<i32>) -> Self {
+            self.spec().session_affinity = Some("ClientIP".to_owned());
+            self.spec().session_affinity_config = timeout.map(|t| SessionAffinityConfig {
+                client_ip: Some(ClientIPConfig {
+                    timeout_seconds: Some(t),
+                }),
+            });
+            self
+        }
+    }
+
+    /// `EndpointSlice` builder.
+    pub struct Slice(pub EndpointSlice);
+
+    /// An IPv4 slice of Service `service`.
+    pub fn slice(ns: &str, name: &str, service: &str) -> Slice {
+        let mut m = meta(ns, name);
+        m.labels = Some(BTreeMap::from([(
+            LABEL_SERVICE_NAME.to_owned(),
+            service.to_owned(),
+        )]));
+        Slice(EndpointSlice {
+            metadata: m,
+            address_type: "IPv4".to_owned(),
+            endpoints: Vec::new(),
+            ports: Some(Vec::new()),
+        })
+    }
+
+    impl Slice {
+        /// Adds an endpoint with explicit conditions (`None` = absent).
+        pub fn endpoint_with(
+            mut self,
+            ip: &str,
+            ready: Option<bool>,
+            serving: Option<bool>,
+            terminating: Option<bool>,
+        ) -> Self {
+            self.0.endpoints.push(Endpoint {
+                addresses: vec![ip.to_owned()],
+                conditions: Some(EndpointConditions {
+                    ready,
+                    serving,
+                    terminating,
+                }),
+                ..Default::default()
+            });
+            self
+        }
+        /// Adds a ready endpoint.
+        pub fn ready(self, ip: &str) -> Self {
+            self.endpoint_with(ip, Some(true), Some(true), Some(false))
+        }
+        /// Adds a port.
+        pub fn port(mut self, name: &str, port: i32, proto: &str) -> Self {
+            self.0
+                .ports
+                .get_or_insert_with(Vec::new)
+                .push(EndpointPort {
+                    name: (!name.is_empty()).then(|| name.to_owned()),
+                    port: Some(port),
+                    protocol: Some(proto.to_owned()),
+                    app_protocol: None,
+                });
+            self
+        }
+        /// Sets the address type.
+        pub fn address_type(mut self, t: &str) -> Self {
+            self.0.address_type = t.to_owned();
+            self
+        }
+        /// Adds a label.
+        pub fn label(mut self, k: &str, v: &str) -> Self {
+            self.0
+                .metadata
+                .labels
+                .get_or_insert_with(BTreeMap::new)
+                .insert(k.to_owned(), v.to_owned());
+            self
+        }
+    }
+
+    /// A v1 Endpoints object with one subset.
+    pub fn endpoints(
+        ns: &str,
+        name: &str,
+        ready: &[&str],
+        not_ready: &[&str],
+        ports: &[(&str, i32, &str)],
+    ) -> Endpoints {
+        let addrs = |ips: &[&str]| {
+            Some(
+                ips.iter()
+                    .map(|ip| EndpointAddress {
+                        ip: (*ip).to_owned(),
+                        ..Default::default()
+                    })
+                    .collect(),
+            )
+        };
+        Endpoints {
+            metadata: meta(ns, name),
+            subsets: Some(vec![EndpointSubset {
+                addresses: addrs(ready),
+                not_ready_addresses: addrs(not_ready),
+                ports: Some(
+                    ports
+                        .iter()
+                        .map(|(n, p, pr)| CorePort {
+                            name: (!n.is_empty()).then(|| (*n).to_owned()),
+                            port: *p,
+                            protocol: Some((*pr).to_owned()),
+                            app_protocol: None,
+                        })
+                        .collect(),
+                ),
+            }]),
+        }
+    }
+
+    /// Collects objects.
+    #[derive(Default)]
+    pub struct World(pub Objects);
+
+    impl World {
+        /// Adds a Service.
+        pub fn svc(mut self, s: Svc) -> Self {
+            let k = key(&s.0.metadata);
+            self.0.services.insert(k, s.0);
+            self
+        }
+        /// Adds a slice.
+        pub fn slice(mut self, s: Slice) -> Self {
+            let k = key(&s.0.metadata);
+            self.0.endpoint_slices.insert(k, s.0);
+            self
+        }
+        /// Adds an Endpoints object.
+        pub fn endpoints(mut self, e: Endpoints) -> Self {
+            let k = key(&e.metadata);
+            self.0.endpoints.insert(k, e);
+            self
+        }
+    }
+
+    fn key(m: &ObjectMeta) -> Key {
+        (
+            m.namespace.clone().unwrap_or_default(),
+            m.name.clone().unwrap_or_default(),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{fixtures::*, *};
+
+    fn fe(ip: &str, port: u16, proto: Protocol) -> Frontend {
+        Frontend {
+            addr: ip.parse().unwrap(),
+            port,
+            proto,
+        }
+    }
+
+    fn b(ip: &str, port: u16) -> BackendAddr {
+        BackendAddr {
+            addr: ip.parse().unwrap(),
+            port,
+        }
+    }
+
+    fn web() -> World {
+        World::default()
+            .svc(
+                svc("default", "web")
+                    .cluster_ip("10.96.0.10")
+                    .port("http", 80, "TCP", "8080"),
+            )
+            .slice(
+                slice("default", "web-1", "web")
+                    .ready("10.0.0.1")
+                    .ready("10.0.0.2")
+                    .port("http", 8080, "TCP"),
+            )
+    }
+
+    #[test]
+    fn clusterip_service_with_ready_endpoints() {
+        let d = desired_state(&web().0);
+        assert!(d.problems.is_empty(), "{:?}", d.problems);
+        let s = &d.services[&fe("10.96.0.10", 80, Protocol::Tcp)];
+        assert_eq!(s.active, vec![b("10.0.0.1", 8080), b("10.0.0.2", 8080)]);
+        assert!(s.terminating.is_empty());
+        assert_eq!(s.affinity_timeout_s, None);
+        assert_eq!(s.owner, ObjectRef::new("Service", "default", "web"));
+    }
+
+    #[test]
+    fn skipped_services() {
+        let w = World::default()
+            .svc(
+                svc("default", "headless")
+                    .cluster_ip("None")
+                    .port("", 80, "TCP", "80"),
+            )
+            .svc(
+                svc("default", "ext")
+                    .type_("ExternalName")
+                    .port("", 80, "TCP", "80"),
+            )
+            .svc(
+                svc("default", "other")
+                    .cluster_ip("10.96.0.11")
+                    .label(LABEL_SERVICE_PROXY_NAME, "someone-else")
+                    .port("", 80, "TCP", "80"),
+            )
+            .svc(svc("default", "noip").port("", 80, "TCP", "80"));
+        let d = desired_state(&w.0);
+        assert!(d.services.is_empty());
+        assert!(d.problems.is_empty());
+    }
+
+    #[test]
+    fn named_target_port_resolves_through_slice_port_names() {
+        let w = World::default()
+            .svc(
+                svc("default", "multi")
+                    .cluster_ip("10.96.0.20")
+                    .port("http", 80, "TCP", "web")
+                    .port("metrics", 9100, "TCP", "9100"),
+            )
+            .slice(
+                slice("default", "multi-a", "multi")
+                    .ready("10.0.0.1")
+                    .port("http", 8080, "TCP")
+                    .port("metrics", 9100, "TCP"),
+            );
+        let d = desired_state(&w.0);
+        assert_eq!(
+            d.services[&fe("10.96.0.20", 80, Protocol::Tcp)].active,
+            vec![b("10.0.0.1", 8080)]
+        );
+        assert_eq!(
+            d.services[&fe("10.96.0.20", 9100, Protocol::Tcp)].active,
+            vec![b("10.0.0.1", 9100)]
+        );
+    }
+
+    #[test]
+    fn slices_merge_and_deduplicate() {
+        let w = web().slice(
+            slice("default", "web-2", "web")
+                .ready("10.0.0.2")
+                .ready("10.0.0.3")
+                .port("http", 8080, "TCP"),
+        );
+        let d = desired_state(&w.0);
+        assert_eq!(
+            d.services[&fe("10.96.0.10", 80, Protocol::Tcp)].active,
+            vec![
+                b("10.0.0.1", 8080),
+                b("10.0.0.2", 8080),
+                b("10.0.0.3", 8080)
+            ]
+        );
+    }
+
+    #[test]
+    fn slices_of_other_services_namespaces_and_filtered_labels_are_ignored() {
+        let w = web()
+            .slice(
+                slice("other", "web-x", "web")
+                    .ready("10.9.0.1")
+                    .port("http", 8080, "TCP"),
+            )
+            .slice(
+                slice("default", "api-1", "api")
+                    .ready("10.9.0.2")
+                    .port("http", 8080, "TCP"),
+            )
+            .slice(
+                slice("default", "web-h", "web")
+                    .label(LABEL_HEADLESS, "")
+                    .ready("10.9.0.3")
+                    .port("http", 8080, "TCP"),
+            )
+            .slice(
+                slice("default", "web-v6", "web")
+                    .address_type("IPv6")
+                    .ready("fd00::1")
+                    .port("http", 8080, "TCP"),
+            );
+        let d = desired_state(&w.0);
+        assert_eq!(
+            d.services[&fe("10.96.0.10", 80, Protocol::Tcp)]
+                .active
+                .len(),
+            2
+        );
+    }
+
+    #[test]
+    fn conditions_follow_kube_proxy() {
+        let w = World::default()
+            .svc(
+                svc("default", "web")
+                    .cluster_ip("10.96.0.10")
+                    .port("", 80, "TCP", "80"),
+            )
+            .slice(
+                slice("default", "web-1", "web")
+                    .endpoint_with("10.0.0.1", None, None, None) // absent: ready
+                    .endpoint_with("10.0.0.2", Some(false), Some(true), Some(true)) // serving-terminating
+                    .endpoint_with("10.0.0.3", Some(false), Some(false), Some(false)) // not ready
+                    .port("", 80, "TCP"),
+            );
+        let d = desired_state(&w.0);
+        let s = &d.services[&fe("10.96.0.10", 80, Protocol::Tcp)];
+        assert_eq!(s.active, vec![b("10.0.0.1", 80)]);
+        assert_eq!(s.terminating, vec![b("10.0.0.2", 80), b("10.0.0.3", 80)]);
+    }
+
+    #[test]
+    fn serving_terminating_endpoints_serve_when_none_is_ready() {
+        let w = World::default()
+            .svc(
+                svc("default", "web")
+                    .cluster_ip("10.96.0.10")
+                    .port("", 80, "TCP", "80"),
+            )
+            .slice(
+                slice("default", "web-1", "web")
+                    .endpoint_with("10.0.0.2", Some(false), Some(true), Some(true))
+                    .endpoint_with("10.0.0.3", Some(false), Some(false), Some(true))
+                    .port("", 80, "TCP"),
+            );
+        let d = desired_state(&w.0);
+        let s = &d.services[&fe("10.96.0.10", 80, Protocol::Tcp)];
+        assert_eq!(s.active, vec![b("10.0.0.2", 80)]);
+        assert_eq!(s.terminating, vec![b("10.0.0.3", 80)]);
+    }
+
+    #[test]
+    fn no_endpoints_gives_an_empty_frontend() {
+        let w = World::default().svc(
+            svc("default", "web")
+                .cluster_ip("10.96.0.10")
+                .port("", 80, "TCP", "80"),
+        );
+        let d = desired_state(&w.0);
+        assert!(
+            d.services[&fe("10.96.0.10", 80, Protocol::Tcp)]
+                .active
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn selectorless_service_uses_endpoints_unless_a_slice_exists() {
+        let w = World::default()
+            .svc(
+                svc("default", "ext")
+                    .cluster_ip("10.96.0.30")
+                    .port("db", 5432, "TCP", "5432"),
+            )
+            .endpoints(endpoints(
+                "default",
+                "ext",
+                &["192.168.1.10"],
+                &["192.168.1.11"],
+                &[("db", 5432, "TCP")],
+            ));
+        let d = desired_state(&w.0);
+        let s = &d.services[&fe("10.96.0.30", 5432, Protocol::Tcp)];
+        assert_eq!(s.active, vec![b("192.168.1.10", 5432)]);
+        assert_eq!(s.terminating, vec![b("192.168.1.11", 5432)]);
+
+        let w = w.slice(
+            slice("default", "ext-1", "ext")
+                .ready("192.168.1.20")
+                .port("db", 5432, "TCP"),
+        );
+        let d = desired_state(&w.0);
+        assert_eq!(
+            d.services[&fe("10.96.0.30", 5432, Protocol::Tcp)].active,
+            vec![b("192.168.1.20", 5432)]
+        );
+    }
+
+    #[test]
+    fn udp_and_protocol_matching() {
+        let w = World::default()
+            .svc(
+                svc("kube-system", "dns")
+                    .cluster_ip("10.96.0.53")
+                    .port("dns", 53, "UDP", "53")
+                    .port("dns-tcp", 53, "TCP", "53"),
+            )
+            .slice(
+                slice("kube-system", "dns-1", "dns")
+                    .ready("10.0.0.5")
+                    .port("dns", 53, "UDP")
+                    .port("dns-tcp", 53, "TCP"),
+            );
+        let d = desired_state(&w.0);
+        assert_eq!(d.services.len(), 2);
+        assert_eq!(
+            d.services[&fe("10.96.0.53", 53, Protocol::Udp)].active,
+            vec![b("10.0.0.5", 53)]
+        );
+    }
+
+    #[test]
+    fn bad_ports_and_protocols_are_reported_and_others_kept() {
+        let w = World::default().svc(
+            svc("default", "bad")
+                .cluster_ip("10.96.0.40")
+                .port("s", 80, "SCTP", "80")
+                .port("x", 81, "QUIC", "81")
+                .port("zero", 0, "TCP", "80")
+                .port("big", 70000, "TCP", "80")
+                .port("ok", 82, "TCP", "82"),
+        );
+        let d = desired_state(&w.0);
+        assert_eq!(d.services.len(), 1);
+        assert_eq!(d.problems.len(), 4, "{:#?}", d.problems);
+        let text: Vec<String> = d.problems.iter().map(ToString::to_string).collect();
+        assert!(
+            text.iter().all(|t| t.starts_with("Service default/bad: ")),
+            "{text:?}"
+        );
+        assert!(text.iter().any(|t| t.contains("SCTP is not supported")));
+        assert!(text.iter().any(|t| t.contains("unknown protocol \"QUIC\"")));
+    }
+
+    #[test]
+    fn invalid_and_ipv6_cluster_ips_are_reported() {
+        let w = World::default()
+            .svc(
+                svc("default", "v6")
+                    .cluster_ips(&["fd00::10"])
+                    .port("", 80, "TCP", "80"),
+            )
+            .svc(
+                svc("default", "junk")
+                    .cluster_ip("10.96.0.999")
+                    .port("", 80, "TCP", "80"),
+            )
+            .svc(
+                svc("default", "dual")
+                    .cluster_ips(&["10.96.0.50", "fd00::50"])
+                    .port("", 80, "TCP", "80"),
+            );
+        let d = desired_state(&w.0);
+        assert_eq!(
+            d.services.keys().copied().collect::<Vec<_>>(),
+            vec![fe("10.96.0.50", 80, Protocol::Tcp)]
+        );
+        assert_eq!(d.problems.len(), 3, "{:#?}", d.problems);
+    }
+
+    #[test]
+    fn conflicting_frontends_first_service_wins() {
+        let w = World::default()
+            .svc(
+                svc("default", "a")
+                    .cluster_ip("10.96.0.10")
+                    .port("", 80, "TCP", "80"),
+            )
+            .svc(
+                svc("default", "b")
+                    .cluster_ip("10.96.0.10")
+                    .port("", 80, "TCP", "80"),
+            )
+            .svc(
+                svc("default", "c")
+                    .cluster_ip("10.96.0.10")
+                    .port("", 80, "UDP", "80"),
+            );
+        let d = desired_state(&w.0);
+        assert_eq!(
+            d.services[&fe("10.96.0.10", 80, Protocol::Tcp)].owner.name,
+            "a"
+        );
+        assert_eq!(
+            d.services[&fe("10.96.0.10", 80, Protocol::Udp)].owner.name,
+            "c"
+        );
+        assert_eq!(d.problems.len(), 1);
+        assert_eq!(
+            d.problems[0].to_string(),
+            "Service default/b: 10.96.0.10:80/TCP is already claimed by Service default/a; this port is ignored"
+        );
+    }
+
+    #[test]
+    fn session_affinity_timeouts() {
+        let base = |t| {
+            World::default().svc(
+                svc("default", "s")
+                    .cluster_ip("10.96.0.10")
+                    .port("", 80, "TCP", "80")
+                    .affinity(t),
+            )
+        };
+        let get = |w: World| desired_state(&w.0);
+        let d = get(base(None));
+        assert_eq!(
+            d.services.values().next().unwrap().affinity_timeout_s,
+            Some(10_800)
+        );
+        let d = get(base(Some(60)));
+        assert_eq!(
+            d.services.values().next().unwrap().affinity_timeout_s,
+            Some(60)
+        );
+        let d = get(base(Some(0)));
+        assert_eq!(
+            d.services.values().next().unwrap().affinity_timeout_s,
+            Some(10_800)
+        );
+        assert_eq!(d.problems.len(), 1);
+    }
+
+    #[test]
+    fn deterministic_whatever_the_insertion_order() {
+        let a = web().slice(
+            slice("default", "web-2", "web")
+                .ready("10.0.0.9")
+                .port("http", 8080, "TCP"),
+        );
+        let mut b = Objects::default();
+        for (k, v) in a.0.endpoint_slices.iter().rev() {
+            b.endpoint_slices.insert(k.clone(), v.clone());
+        }
+        for (k, v) in a.0.services.iter().rev() {
+            b.services.insert(k.clone(), v.clone());
+        }
+        assert_eq!(desired_state(&a.0), desired_state(&b));
+    }
+}
