@@ -4,7 +4,7 @@
 //! Pinned under `--bpffs-root`:
 //! - the services, backends, connection-tracking and affinity maps (`<root>/<MAP>`), so a
 //!   restarted agent finds the tables and the live flows where it left them;
-//! - the tcx links (`<root>/links/<ifname>@<ifindex>.<dir>`), so the datapath keeps
+//! - the tcx links (`<root>/links/<ifindex>_<dir>_<ifname>`), so the datapath keeps
 //!   translating while the agent is down (a crash, `kill -9`, an upgrade). A new agent
 //!   swaps its freshly loaded programs into those links atomically (`bpf_link_update`):
 //!   no packet ever sees a device without a program.
@@ -40,6 +40,15 @@ static EMBEDDED_OBJECT: Option<&[u8]> =
     Some(aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb")));
 #[cfg(not(embedded_obj))]
 static EMBEDDED_OBJECT: Option<&[u8]> = None;
+
+const INGRESS_DIR: &str = "ingress";
+const EGRESS_DIR: &str = "egress";
+
+/// Pin name of a device's link. bpffs refuses names with a dot, which device names may
+/// have (`eth0.100`); the ifindex makes the name unique even when a name is reused.
+fn link_pin_name(ifindex: u32, dir: &str, device: &str) -> String {
+    format!("{ifindex}_{dir}_{}", device.replace('.', "_"))
+}
 
 /// `statfs` magic of bpffs.
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
@@ -377,13 +386,13 @@ impl Datapath {
         debug_assert!(self.tcx);
         let mut pins = Vec::new();
         for (prog_name, attach_type, dir) in [
-            (INGRESS_PROG, TcAttachType::Ingress, "ingress"),
-            (EGRESS_PROG, TcAttachType::Egress, "egress"),
+            (INGRESS_PROG, TcAttachType::Ingress, INGRESS_DIR),
+            (EGRESS_PROG, TcAttachType::Egress, EGRESS_DIR),
         ] {
             let pin = self
                 .root
                 .join("links")
-                .join(format!("{device}@{ifindex}.{dir}"));
+                .join(link_pin_name(ifindex, dir, device));
             let err = |source: Box<dyn std::error::Error + Send + Sync>| DatapathError::Attach {
                 prog: prog_name,
                 device: device.to_owned(),
@@ -428,12 +437,11 @@ impl Datapath {
         };
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            let live = name
-                .rsplit_once('.')
-                .and_then(|(dev, _)| dev.rsplit_once('@'))
-                .is_some_and(|(dev, idx)| {
-                    present.get(dev).map(u32::to_string).as_deref() == Some(idx)
-                });
+            let live = present.iter().any(|(dev, idx)| {
+                [INGRESS_DIR, EGRESS_DIR]
+                    .iter()
+                    .any(|dir| link_pin_name(*idx, dir, dev) == name)
+            });
             if !live {
                 debug!(pin = %name, "removing stale link pin");
                 let _ = fs::remove_file(entry.path());
