@@ -1,33 +1,39 @@
 //! Diff the desired tables against what the maps hold, and write only the difference.
 //!
-//! The [`Applier`] mirrors the maps' content: per frontend its service id, its slot vector
-//! and its backends with their ids. Every write updates the mirror only once the kernel has
-//! accepted it, so after a failure the mirror still says exactly what the maps hold.
-//!
-//! Writes are ordered so that at every moment — after any prefix of the writes — every
-//! slot `1..=count` of every frontend names a backend that exists. This is the invariant
-//! the datapath relies on:
+//! The [`Applier`] mirrors the maps' content: per frontend its service id, its header
+//! (slot 0), its slot vector and its backends. For each frontend that differs, a sync
+//! computes the target layout, turns the difference into an ordered list of writes, and
+//! runs them. The order is chosen so that after *any prefix* of the writes every slot
+//! `1..=count` of every frontend names an existing, active backend of that frontend — the
+//! invariant the datapath relies on:
 //! 1. new backends (and backends coming back from terminating) are written first;
-//! 2. slots that change in place are rewritten, then slots past the old count are added;
-//! 3. the frontend header (slot 0) is written with the new count;
-//! 4. slots past the new count are deleted;
-//! 5. backends leaving the active set are marked terminating, and backends no longer known
+//! 2. slots that change in place are rewritten;
+//! 3. growing: slots past the old count are added, then the header with the new count;
+//!    shrinking: the header with the new count, then the slots past it are deleted;
+//! 4. backends leaving the active set are marked terminating, and backends no longer known
 //!    are deleted, once no slot names them.
 //!
-//! A removed backend's slot is refilled in place by a new backend, or by the last slot when
-//! the Service shrinks (swap-remove), so the slots of unchanged backends are never written.
+//! A removed backend's slot is refilled in place by a new backend (swap-in), or by the last
+//! slot when the Service shrinks (swap-remove), so the slots of unchanged backends are
+//! never written.
+//!
+//! Every write records its inverse. When a write fails (a full map, say), the writes made
+//! so far for that frontend are undone in reverse order — which walks back through the same
+//! safe states — so a Service that cannot be programmed keeps its previous entries (or has
+//! none, if it is new), and the other Services are still applied.
 //!
 //! Service and backend ids are stable for as long as the frontend (and the backend) exist,
 //! including across agent restarts ([`Applier::adopt`] reads them back from the pinned
-//! maps): connection-tracking entries in the kernel refer to them.
+//! maps): connection-tracking and affinity entries in the kernel refer to them.
 use std::{
-    collections::{BTreeMap, BTreeSet, VecDeque},
+    collections::{BTreeMap, BTreeSet},
+    fmt,
     net::Ipv4Addr,
 };
 
 use lb_common::{
     BACKEND_ACTIVE, BACKEND_TERMINATING, Backend, SVC_F_ADDR_MARKER, SVC_F_AFFINITY, ServiceKey,
-    ServiceValue, proto,
+    ServiceValue, capacity, map_names, proto,
 };
 
 use crate::{
@@ -35,94 +41,151 @@ use crate::{
     model::{BackendAddr, Desired, DesiredService, Frontend, ObjectRef, Problem, Protocol},
 };
 
-/// Reading the maps back failed.
+/// Why the applier could not run at all (as opposed to one Service failing, which is a
+/// [`Problem`] in [`SyncStats::failed`]).
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
-    /// The maps could not be read to re-adopt their content.
-    #[error("cannot re-adopt the pinned maps: {0}")]
-    Adopt(#[source] MapError),
+    /// The maps could not be read back, at start-up or to resynchronise the mirror after a
+    /// write could not be undone.
+    #[error("cannot read the service maps back: {0}")]
+    Read(#[source] MapError),
+}
+
+impl ApplyError {
+    /// Stable label for failure counters.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Self::Read(_) => "read_maps",
+        }
+    }
 }
 
 /// What a sync did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct SyncStats {
-    /// Entries inserted or replaced.
+    /// Entries inserted or replaced (including writes that undid a failed update).
     pub writes: usize,
     /// Entries deleted.
     pub deletes: usize,
-    /// Frontends (or addresses) that could not be fully programmed, with the reason.
+    /// Services (or address markers) that could not be programmed, with the reason.
     pub failed: Vec<Problem>,
 }
 
 /// Smallest-first id allocator; 0 is never handed out.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Clone)]
 struct Ids {
-    next: u32,
+    /// Every id below `next` that is not in use.
     free: BTreeSet<u32>,
+    next: u32,
+}
+
+impl Default for Ids {
+    fn default() -> Self {
+        Self {
+            free: BTreeSet::new(),
+            next: 1,
+        }
+    }
 }
 
 impl Ids {
     fn from_used(used: &BTreeSet<u32>) -> Self {
-        let max = used.last().copied().unwrap_or(0);
-        let free = (1..max).filter(|i| !used.contains(i)).collect();
-        Self {
-            next: max + 1,
-            free,
-        }
+        let next = used.last().map_or(1, |max| max + 1);
+        let free = (1..next).filter(|i| !used.contains(i)).collect();
+        Self { free, next }
     }
 
     fn alloc(&mut self) -> u32 {
         if let Some(id) = self.free.pop_first() {
             return id;
         }
-        self.next = self.next.max(1);
         let id = self.next;
         self.next += 1;
         id
     }
 
     fn release(&mut self, id: u32) {
-        self.free.insert(id);
+        if id != 0 && id < self.next {
+            self.free.insert(id);
+        }
     }
 }
 
 /// What the maps hold for one frontend.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 struct FrontendState {
     service_id: u32,
+    /// The Service that owns the frontend, for messages (unknown right after adoption).
     owner: Option<ObjectRef>,
-    /// Slot 0 as written, `None` if not written (yet).
+    /// Slot 0, `None` when not in the map.
     head: Option<ServiceValue>,
-    /// Backend ids in slots 1..=len, as present in the map (may exceed the count after a
-    /// failed shrink; the excess is deleted by the next sync).
+    /// Backend id of slots `1..=len` as the map holds them (0: slot missing). Its length is
+    /// the header's count.
     slots: Vec<u32>,
-    /// Backends of this frontend: address -> (id, state).
-    backends: BTreeMap<BackendAddr, (u32, u8)>,
+    /// Every backend of this frontend's service id.
+    backends: BTreeMap<u32, Backend>,
 }
 
 impl FrontendState {
-    fn count(&self) -> usize {
-        self.head
-            .map_or(0, |h| usize::from(h.count))
-            .min(self.slots.len())
+    fn empty(service_id: u32) -> Self {
+        Self {
+            service_id,
+            owner: None,
+            head: None,
+            slots: Vec::new(),
+            backends: BTreeMap::new(),
+        }
     }
 }
 
-/// A write that [`Applier::adopt`] found necessary to clean up leftovers.
-#[derive(Debug, Clone)]
-enum Cleanup {
-    Service(ServiceKey),
-    Backend(u32),
+/// One map write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Op {
+    PutService(ServiceKey, ServiceValue),
+    DelService(ServiceKey),
+    PutBackend(u32, Backend),
+    DelBackend(u32),
+}
+
+/// A write and the write that undoes it.
+#[derive(Debug, Clone, Copy)]
+struct Step {
+    op: Op,
+    undo: Op,
 }
 
 /// Keeps the maps equal to the desired tables.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Applier {
     frontends: BTreeMap<Frontend, FrontendState>,
+    /// Addresses whose marker entry is in the map.
     markers: BTreeSet<Ipv4Addr>,
     service_ids: Ids,
     backend_ids: Ids,
-    cleanup: Vec<Cleanup>,
+    /// Services entries found at adoption that belong to no usable frontend. They are
+    /// outside every frontend's count, so deleting them first is safe.
+    stray_services: Vec<ServiceKey>,
+    /// Backends found at adoption that belong to no frontend. Deleted at the end of a sync,
+    /// once no slot names them; their ids stay reserved until then.
+    stray_backends: BTreeSet<u32>,
+    /// Map sizes, for messages.
+    services_capacity: u32,
+    backends_capacity: u32,
+}
+
+impl Default for Applier {
+    fn default() -> Self {
+        Self {
+            frontends: BTreeMap::new(),
+            markers: BTreeSet::new(),
+            service_ids: Ids::default(),
+            backend_ids: Ids::default(),
+            stray_services: Vec::new(),
+            stray_backends: BTreeSet::new(),
+            services_capacity: capacity::SERVICES,
+            backends_capacity: capacity::BACKENDS,
+        }
+    }
 }
 
 fn addr_of(addr_be: u32) -> Ipv4Addr {
@@ -133,9 +196,39 @@ fn addr_be(addr: Ipv4Addr) -> u32 {
     u32::from_ne_bytes(addr.octets())
 }
 
+fn backend_addr(b: &Backend) -> BackendAddr {
+    BackendAddr {
+        addr: addr_of(b.addr_be),
+        port: u16::from_be(b.port_be),
+    }
+}
+
+/// Key of slot `slot` of `fe`.
 fn key(fe: &Frontend, slot: u16) -> ServiceKey {
     ServiceKey::new(addr_be(fe.addr), fe.port.to_be(), fe.proto.number(), slot)
 }
+
+/// Key of the slot at index `i` of a slot vector (slot `i + 1`).
+fn slot_key(fe: &Frontend, i: usize) -> ServiceKey {
+    // Slot vectors never exceed u16::MAX entries (checked when a target is built, and a
+    // count read back from the map is a u16).
+    key(fe, u16::try_from(i + 1).unwrap_or(u16::MAX))
+}
+
+fn slot_value(backend_id: u32) -> ServiceValue {
+    ServiceValue {
+        backend_id,
+        ..Default::default()
+    }
+}
+
+const MARKER: ServiceValue = ServiceValue {
+    backend_id: 0,
+    count: 0,
+    flags: SVC_F_ADDR_MARKER,
+    service_id: 0,
+    affinity_timeout_s: 0,
+};
 
 fn protocol(nr: u8) -> Option<Protocol> {
     match nr {
@@ -145,48 +238,59 @@ fn protocol(nr: u8) -> Option<Protocol> {
     }
 }
 
-/// Counts writes and deletes while passing them to the maps.
+/// Passes writes to the maps and counts them.
 struct Writer<'a, M: ServiceMaps> {
     maps: &'a mut M,
     stats: SyncStats,
 }
 
 impl<M: ServiceMaps> Writer<'_, M> {
-    fn put_service(&mut self, k: &ServiceKey, v: &ServiceValue) -> Result<(), MapError> {
-        self.maps.put_service(k, v)?;
-        self.stats.writes += 1;
+    fn apply(&mut self, op: &Op) -> Result<(), MapError> {
+        match op {
+            Op::PutService(k, v) => self.maps.put_service(k, v)?,
+            Op::DelService(k) => self.maps.del_service(k)?,
+            Op::PutBackend(id, b) => self.maps.put_backend(*id, b)?,
+            Op::DelBackend(id) => self.maps.del_backend(*id)?,
+        }
+        match op {
+            Op::PutService(..) | Op::PutBackend(..) => self.stats.writes += 1,
+            Op::DelService(_) | Op::DelBackend(_) => self.stats.deletes += 1,
+        }
         Ok(())
     }
-    fn del_service(&mut self, k: &ServiceKey) -> Result<(), MapError> {
-        self.maps.del_service(k)?;
-        self.stats.deletes += 1;
-        Ok(())
-    }
-    fn put_backend(&mut self, id: u32, b: &Backend) -> Result<(), MapError> {
-        self.maps.put_backend(id, b)?;
-        self.stats.writes += 1;
-        Ok(())
-    }
-    fn del_backend(&mut self, id: u32) -> Result<(), MapError> {
-        self.maps.del_backend(id)?;
-        self.stats.deletes += 1;
+
+    /// Runs `steps` in order. On a failure, undoes the steps already done in reverse order
+    /// and returns the error, plus the error of the undo if that failed too.
+    fn run(&mut self, steps: &[Step]) -> Result<(), (MapError, Option<MapError>)> {
+        for (done, step) in steps.iter().enumerate() {
+            if let Err(e) = self.apply(&step.op) {
+                for s in steps[..done].iter().rev() {
+                    if let Err(undo) = self.apply(&s.undo) {
+                        return Err((e, Some(undo)));
+                    }
+                }
+                return Err((e, None));
+            }
+        }
         Ok(())
     }
 }
 
-fn failure(owner: Option<&ObjectRef>, what: String, e: &MapError) -> Problem {
-    let object = owner
-        .cloned()
-        .unwrap_or_else(|| ObjectRef::new("Frontend", "", &what));
-    let reason = if e.is_full() {
-        format!(
-            "{what} not programmed: the {} map is full (other Services are unaffected; will retry)",
-            e.map
-        )
-    } else {
-        format!("{what} not programmed: {e} (will retry)")
-    };
-    Problem::new(object, reason)
+/// What happened to a frontend whose update failed.
+enum Outcome {
+    Added,
+    Updated,
+    Removed,
+}
+
+impl fmt::Display for Outcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Added => "not added",
+            Self::Updated => "not updated (its previous entries stay)",
+            Self::Removed => "not removed",
+        })
+    }
 }
 
 impl Applier {
@@ -195,81 +299,90 @@ impl Applier {
         Self::default()
     }
 
-    /// Rebuilds the mirror from what the maps hold (after an agent restart), so that ids
-    /// stay the same. Inconsistent leftovers are scheduled for deletion by the first sync.
+    /// Sets the map sizes used in messages (default: `lb_common::capacity`).
+    pub fn with_capacity(mut self, services: u32, backends: u32) -> Self {
+        self.services_capacity = services;
+        self.backends_capacity = backends;
+        self
+    }
+
+    /// Rebuilds the mirror from what the maps hold (after an agent restart), so that
+    /// service and backend ids stay the same. Entries that fit no consistent frontend
+    /// (slots past the count or without a header, a header with a duplicate or zero service
+    /// id, backends of no frontend) are deleted by the first sync; slots naming a missing
+    /// backend or another frontend's backend are rewritten by it.
     pub fn adopt(maps: &impl ServiceMaps) -> Result<Self, ApplyError> {
-        let services = maps.services().map_err(ApplyError::Adopt)?;
-        let backends = maps.backends().map_err(ApplyError::Adopt)?;
+        let services = maps.services().map_err(ApplyError::Read)?;
+        let backends = maps.backends().map_err(ApplyError::Read)?;
         let mut me = Self::new();
-        let mut groups: BTreeMap<(u32, u16, u8), BTreeMap<u16, ServiceValue>> = BTreeMap::new();
+        // Frontend entries grouped by key without the slot; BTreeMap order puts slot 0
+        // first, so a stray frontend loses its header before its slots.
+        let mut groups: BTreeMap<(u32, u16, u8, u8), BTreeMap<u16, ServiceValue>> = BTreeMap::new();
         for (k, v) in services {
-            if k.slot == 0 && k.port_be == 0 && k.proto == 0 && v.flags & SVC_F_ADDR_MARKER != 0 {
-                me.markers.insert(addr_of(k.addr_be));
+            if k.port_be == 0 && k.proto == 0 {
+                if k.slot == 0 && k.scope == 0 && v.flags & SVC_F_ADDR_MARKER != 0 {
+                    me.markers.insert(addr_of(k.addr_be));
+                } else {
+                    me.stray_services.push(k);
+                }
                 continue;
             }
             groups
-                .entry((k.addr_be, k.port_be, k.proto))
+                .entry((k.addr_be, k.port_be, k.proto, k.scope))
                 .or_default()
                 .insert(k.slot, v);
         }
         let mut by_service_id: BTreeMap<u32, Frontend> = BTreeMap::new();
-        for ((a, p, pr), slots) in groups {
-            let fe = protocol(pr).map(|proto| Frontend {
+        for ((a, p, pr, scope), slots) in groups {
+            let stray_key = |slot: u16| ServiceKey {
+                scope,
+                ..ServiceKey::new(a, p, pr, slot)
+            };
+            let fe = protocol(pr).filter(|_| scope == 0).map(|proto| Frontend {
                 addr: addr_of(a),
                 port: u16::from_be(p),
                 proto,
             });
             let head = slots.get(&0).copied();
-            let (Some(fe), Some(head)) = (fe, head) else {
-                for slot in slots.keys() {
-                    me.cleanup
-                        .push(Cleanup::Service(ServiceKey::new(a, p, pr, *slot)));
+            let usable = match (fe, head) {
+                (Some(_), Some(h)) => {
+                    h.service_id != 0 && !by_service_id.contains_key(&h.service_id)
                 }
+                _ => false,
+            };
+            let (Some(fe), Some(head), true) = (fe, head, usable) else {
+                me.stray_services
+                    .extend(slots.keys().map(|slot| stray_key(*slot)));
                 continue;
             };
-            if head.service_id == 0 || by_service_id.contains_key(&head.service_id) {
-                for slot in slots.keys() {
-                    me.cleanup
-                        .push(Cleanup::Service(ServiceKey::new(a, p, pr, *slot)));
-                }
-                continue;
-            }
-            let mut st = FrontendState {
-                service_id: head.service_id,
-                owner: None,
-                head: Some(head),
-                slots: Vec::new(),
-                backends: BTreeMap::new(),
-            };
-            // Slots must be contiguous from 1; anything after a gap is a leftover.
-            let mut contiguous = true;
-            for (slot, v) in slots.iter().filter(|(s, _)| **s > 0) {
-                if contiguous && usize::from(*slot) == st.slots.len() + 1 {
-                    st.slots.push(v.backend_id);
-                } else {
-                    contiguous = false;
-                    me.cleanup
-                        .push(Cleanup::Service(ServiceKey::new(a, p, pr, *slot)));
-                }
-            }
+            let count = head.count;
+            let mut st = FrontendState::empty(head.service_id);
+            st.head = Some(head);
+            st.slots = (1..=count)
+                .map(|slot| slots.get(&slot).map_or(0, |v| v.backend_id))
+                .collect();
+            me.stray_services.extend(
+                slots
+                    .keys()
+                    .filter(|slot| **slot > count)
+                    .map(|slot| stray_key(*slot)),
+            );
             by_service_id.insert(head.service_id, fe);
             me.frontends.insert(fe, st);
         }
         let mut used_backend_ids = BTreeSet::new();
         for (id, b) in backends {
+            used_backend_ids.insert(id);
             let owner = by_service_id
                 .get(&b.service_id)
                 .and_then(|fe| me.frontends.get_mut(fe));
-            let addr = BackendAddr {
-                addr: addr_of(b.addr_be),
-                port: u16::from_be(b.port_be),
-            };
             match owner {
-                Some(st) if id != 0 && !st.backends.contains_key(&addr) => {
-                    st.backends.insert(addr, (id, b.state));
-                    used_backend_ids.insert(id);
+                Some(st) if id != 0 => {
+                    st.backends.insert(id, b);
                 }
-                _ => me.cleanup.push(Cleanup::Backend(id)),
+                _ => {
+                    me.stray_backends.insert(id);
+                }
             }
         }
         me.service_ids = Ids::from_used(&by_service_id.keys().copied().collect());
@@ -278,8 +391,9 @@ impl Applier {
     }
 
     /// Makes the maps equal to `desired`, writing only what differs, in an order that
-    /// never exposes a half-written Service. A failing frontend is reported in
-    /// [`SyncStats::failed`] and does not stop the others.
+    /// never exposes a half-written Service. A Service that cannot be programmed keeps its
+    /// previous entries (or gets none), is reported in [`SyncStats::failed`], and does not
+    /// stop the others. A second sync with the same `desired` writes nothing.
     pub fn sync(
         &mut self,
         desired: &Desired,
@@ -289,279 +403,227 @@ impl Applier {
             maps,
             stats: SyncStats::default(),
         };
-        for c in std::mem::take(&mut self.cleanup) {
-            let r = match &c {
-                Cleanup::Service(k) => w.del_service(k),
-                Cleanup::Backend(id) => w.del_backend(*id),
-            };
-            if r.is_err() {
-                self.cleanup.push(c);
+        let mut resync = false;
+
+        let stray = std::mem::take(&mut self.stray_services);
+        for k in stray {
+            if w.apply(&Op::DelService(k)).is_err() {
+                self.stray_services.push(k);
             }
         }
-        // Removals first: they free room for what comes next.
-        let gone: Vec<Frontend> = self
-            .frontends
-            .keys()
-            .filter(|fe| !desired.services.contains_key(fe))
-            .copied()
-            .collect();
-        for fe in gone {
-            if let Err(e) = self.remove_frontend(&fe, &mut w) {
-                let owner = self.frontends.get(&fe).and_then(|s| s.owner.clone());
-                w.stats
-                    .failed
-                    .push(failure(owner.as_ref(), fe.to_string(), &e));
+
+        // Removals first, then updates that do not grow, then the rest: what leaves makes
+        // room for what comes.
+        let mut order: Vec<(u8, Frontend)> = Vec::new();
+        for (fe, st) in &self.frontends {
+            match desired.services.get(fe) {
+                None => order.push((0, *fe)),
+                Some(d) => {
+                    let grows = d.active.len() > st.slots.len()
+                        || d.active.len() + d.terminating.len() > st.backends.len();
+                    order.push((if grows { 2 } else { 1 }, *fe));
+                }
             }
         }
-        for (fe, d) in &desired.services {
-            if let Err(e) = self.update_frontend(fe, d, &mut w) {
-                w.stats
-                    .failed
-                    .push(failure(Some(&d.owner), fe.to_string(), &e));
-                self.undo_partial(fe, &mut w);
+        for fe in desired.services.keys() {
+            if !self.frontends.contains_key(fe) {
+                order.push((3, *fe));
             }
         }
+        order.sort();
+        for (_, fe) in order {
+            if let Err((problem, undo_failed)) =
+                self.apply_frontend(&fe, desired.services.get(&fe), &mut w)
+            {
+                w.stats.failed.push(problem);
+                resync |= undo_failed;
+            }
+        }
+
         self.sync_markers(&mut w);
+        self.delete_stray_backends(&mut w);
+
+        if resync {
+            // A write could not be undone: the mirror no longer knows what the maps hold.
+            // Read them back; the next sync converges from there.
+            let owners: BTreeMap<Frontend, ObjectRef> = self
+                .frontends
+                .iter()
+                .filter_map(|(fe, st)| Some((*fe, st.owner.clone()?)))
+                .collect();
+            let fresh = Self::adopt(&*w.maps)?;
+            *self = Self {
+                services_capacity: self.services_capacity,
+                backends_capacity: self.backends_capacity,
+                ..fresh
+            };
+            for (fe, owner) in owners {
+                if let Some(st) = self.frontends.get_mut(&fe) {
+                    st.owner = Some(owner);
+                }
+            }
+        }
         Ok(w.stats)
     }
 
-    /// After a failed update, gives back what the frontend holds beyond its published
-    /// state, so that a Service that does not fit does not take room from the others: a
-    /// frontend never published is removed entirely, a published one loses the slots past
-    /// its count. Best effort; what fails here is retried by the next sync.
-    fn undo_partial<M: ServiceMaps>(&mut self, fe: &Frontend, w: &mut Writer<'_, M>) {
-        let Some(st) = self.frontends.get_mut(fe) else {
-            return;
-        };
-        if st.head.is_none() {
-            let _ = self.remove_frontend(fe, w);
-            return;
-        }
-        let count = st.count();
-        while st.slots.len() > count {
-            if w.del_service(&key(fe, st.slots.len() as u16)).is_err() {
-                return;
-            }
-            st.slots.pop();
-        }
-    }
-
-    fn remove_frontend<M: ServiceMaps>(
+    /// Brings one frontend to `desired` (`None`: removes it). On failure, returns the
+    /// problem and whether the partial writes could not be undone.
+    fn apply_frontend<M: ServiceMaps>(
         &mut self,
         fe: &Frontend,
+        desired: Option<&DesiredService>,
         w: &mut Writer<'_, M>,
-    ) -> Result<(), MapError> {
-        let st = self.frontends.get_mut(fe).expect("listed above");
-        if st.head.is_some() {
-            w.del_service(&key(fe, 0))?;
-            st.head = None;
-        }
-        while let Some(_id) = st.slots.last() {
-            w.del_service(&key(fe, st.slots.len() as u16))?;
-            st.slots.pop();
-        }
-        while let Some((addr, (id, _))) = st.backends.pop_first() {
-            if let Err(e) = w.del_backend(id) {
-                st.backends.insert(addr, (id, 0));
-                return Err(e);
+    ) -> Result<(), (Problem, bool)> {
+        let existing = self.frontends.get(fe);
+        let (outcome, owner) = match (existing, desired) {
+            (_, Some(d)) if existing.is_none() => (Outcome::Added, Some(d.owner.clone())),
+            (_, Some(d)) => (Outcome::Updated, Some(d.owner.clone())),
+            (Some(st), None) => (Outcome::Removed, st.owner.clone()),
+            (None, None) => return Ok(()),
+        };
+        let problem = |why: String| {
+            let object = owner
+                .clone()
+                .unwrap_or_else(|| ObjectRef::new("Frontend", "", &fe.to_string()));
+            Problem::new(object, format!("{fe} {outcome}: {why}"))
+        };
+        let new_service_id = existing.is_none().then(|| self.service_ids.alloc());
+        let old = match existing {
+            Some(st) => st.clone(),
+            None => FrontendState::empty(new_service_id.unwrap_or_default()),
+        };
+        let mut target = match desired {
+            Some(d) => match self.target(fe, &old, d) {
+                Ok(t) => t,
+                Err(why) => {
+                    if let Some(id) = new_service_id {
+                        self.service_ids.release(id);
+                    }
+                    return Err((problem(why), false));
+                }
+            },
+            None => FrontendState::empty(old.service_id),
+        };
+        target.owner = owner.clone();
+
+        let steps = transition(fe, &old, &target);
+        if let Err((e, undo_err)) = w.run(&steps) {
+            // The maps hold `old` again: give back the ids taken for `target`. If the undo
+            // failed, the maps may still name them; they stay taken until the resync
+            // reads the maps back.
+            if undo_err.is_none() {
+                for id in target.backends.keys() {
+                    if !old.backends.contains_key(id) {
+                        self.backend_ids.release(*id);
+                    }
+                }
+                if let Some(id) = new_service_id {
+                    self.service_ids.release(id);
+                }
             }
-            self.backend_ids.release(id);
+            let mut why = self.describe(&e);
+            if let Some(u) = &undo_err {
+                why.push_str(&format!(
+                    "; undoing its partial update failed too ({}), re-reading the maps",
+                    self.describe(u)
+                ));
+            }
+            return Err((problem(why), undo_err.is_some()));
         }
-        let st = self.frontends.remove(fe).expect("present");
-        self.service_ids.release(st.service_id);
+        for id in old.backends.keys() {
+            if !target.backends.contains_key(id) {
+                self.backend_ids.release(*id);
+            }
+        }
+        if desired.is_some() {
+            self.frontends.insert(*fe, target);
+        } else {
+            self.frontends.remove(fe);
+            self.service_ids.release(old.service_id);
+        }
         Ok(())
     }
 
-    fn update_frontend<M: ServiceMaps>(
+    /// The layout `d` asks for, starting from `old`: known backends keep their ids, and
+    /// slots of backends that stay keep their positions.
+    fn target(
         &mut self,
         fe: &Frontend,
+        old: &FrontendState,
         d: &DesiredService,
-        w: &mut Writer<'_, M>,
-    ) -> Result<(), MapError> {
-        let service_ids = &mut self.service_ids;
-        let st = self.frontends.entry(*fe).or_insert_with(|| FrontendState {
-            service_id: service_ids.alloc(),
-            owner: None,
-            head: None,
-            slots: Vec::new(),
-            backends: BTreeMap::new(),
-        });
-        st.owner = Some(d.owner.clone());
-        let backend = |addr: &BackendAddr, state: u8, service_id: u32| Backend {
-            addr_be: addr_be(addr.addr),
-            port_be: addr.port.to_be(),
-            proto: fe.proto.number(),
-            state,
-            service_id,
+    ) -> Result<FrontendState, String> {
+        let Ok(count) = u16::try_from(d.active.len()) else {
+            return Err(format!(
+                "{} ready endpoints, at most {} fit one frontend",
+                d.active.len(),
+                u16::MAX
+            ));
         };
-
-        // 1. Backends that new connections may reach must exist, as active, first.
-        for addr in &d.active {
-            match st.backends.get(addr).copied() {
-                Some((_, BACKEND_ACTIVE)) => {}
-                Some((id, _)) => {
-                    w.put_backend(id, &backend(addr, BACKEND_ACTIVE, st.service_id))?;
-                    st.backends.insert(*addr, (id, BACKEND_ACTIVE));
+        // Lowest id first: after an inconsistent adoption an address may have two.
+        let mut known: BTreeMap<BackendAddr, u32> = BTreeMap::new();
+        for (id, b) in &old.backends {
+            known.entry(backend_addr(b)).or_insert(*id);
+        }
+        let mut ids: BTreeMap<BackendAddr, u32> = BTreeMap::new();
+        let mut backends = BTreeMap::new();
+        let mut active = Vec::with_capacity(d.active.len());
+        for (list, state) in [
+            (&d.active, BACKEND_ACTIVE),
+            (&d.terminating, BACKEND_TERMINATING),
+        ] {
+            for a in list {
+                if ids.contains_key(a) {
+                    continue;
                 }
-                None => {
-                    let id = self.backend_ids.alloc();
-                    if let Err(e) = w.put_backend(id, &backend(addr, BACKEND_ACTIVE, st.service_id))
-                    {
-                        self.backend_ids.release(id);
-                        return Err(e);
-                    }
-                    st.backends.insert(*addr, (id, BACKEND_ACTIVE));
+                let id = match known.get(a) {
+                    Some(id) => *id,
+                    None => self.backend_ids.alloc(),
+                };
+                ids.insert(*a, id);
+                if state == BACKEND_ACTIVE {
+                    active.push(id);
                 }
+                backends.insert(
+                    id,
+                    Backend {
+                        addr_be: addr_be(a.addr),
+                        port_be: a.port.to_be(),
+                        proto: fe.proto.number(),
+                        state,
+                        service_id: old.service_id,
+                    },
+                );
             }
         }
-        for addr in &d.terminating {
-            if !st.backends.contains_key(addr) {
-                let id = self.backend_ids.alloc();
-                if let Err(e) =
-                    w.put_backend(id, &backend(addr, BACKEND_TERMINATING, st.service_id))
-                {
-                    self.backend_ids.release(id);
-                    return Err(e);
-                }
-                st.backends.insert(*addr, (id, BACKEND_TERMINATING));
-            }
-        }
-
-        // 2. The new slot layout: keep unchanged backends where they are, refill holes in
-        // place, append the rest, then close remaining holes with the last slot.
-        let active_ids: Vec<u32> = d.active.iter().map(|a| st.backends[a].0).collect();
-        let wanted: BTreeSet<u32> = active_ids.iter().copied().collect();
-        let live = st.count();
-        let mut layout: Vec<Option<u32>> = st.slots[..live]
-            .iter()
-            .map(|id| wanted.contains(id).then_some(*id))
-            .collect();
-        let placed: BTreeSet<u32> = layout.iter().flatten().copied().collect();
-        let mut to_place: VecDeque<u32> = active_ids
-            .iter()
-            .filter(|id| !placed.contains(id))
-            .copied()
-            .collect();
-        for slot in layout.iter_mut().filter(|s| s.is_none()) {
-            match to_place.pop_front() {
-                Some(id) => *slot = Some(id),
-                None => break,
-            }
-        }
-        layout.extend(to_place.into_iter().map(Some));
-        let mut i = 0;
-        while i < layout.len() {
-            if layout[i].is_none() {
-                layout.swap_remove(i);
-            } else {
-                i += 1;
-            }
-        }
-        let layout: Vec<u32> = layout.into_iter().flatten().collect();
-        if layout.len() > usize::from(u16::MAX) {
-            return Err(MapError {
-                map: lb_common::map_names::SERVICES,
-                op: "insert",
-                key: fe.to_string(),
-                source: std::io::Error::other("more than 65535 ready endpoints"),
-            });
-        }
-
-        // In-place rewrites, then appended slots.
-        for (pos, id) in layout.iter().enumerate() {
-            let present = st.slots.get(pos).copied();
-            let in_place_ok = pos < live || present.is_some();
-            if present == Some(*id) && in_place_ok {
-                continue;
-            }
-            let v = ServiceValue {
-                backend_id: *id,
-                ..Default::default()
-            };
-            w.put_service(&key(fe, pos as u16 + 1), &v)?;
-            if pos < st.slots.len() {
-                st.slots[pos] = *id;
-            } else {
-                st.slots.push(*id);
-            }
-        }
-
-        // 3. Publish the header.
+        let slots = layout_slots(&old.slots, &active);
+        debug_assert!(slots.len() <= usize::from(count));
         let head = ServiceValue {
             backend_id: 0,
-            count: layout.len() as u16,
+            count: slots.len() as u16,
             flags: if d.affinity_timeout_s.is_some() {
                 SVC_F_AFFINITY
             } else {
                 0
             },
-            service_id: st.service_id,
+            service_id: old.service_id,
             affinity_timeout_s: d.affinity_timeout_s.unwrap_or(0),
         };
-        if st.head != Some(head) {
-            w.put_service(&key(fe, 0), &head)?;
-            st.head = Some(head);
-        }
-
-        // 4. Slots past the new count.
-        while st.slots.len() > layout.len() {
-            w.del_service(&key(fe, st.slots.len() as u16))?;
-            st.slots.pop();
-        }
-
-        // 5. Backends no slot names any more.
-        let known: BTreeSet<&BackendAddr> = d.active.iter().chain(&d.terminating).collect();
-        let demote: Vec<(BackendAddr, u32)> = st
-            .backends
-            .iter()
-            .filter(|(a, (_, state))| {
-                *state == BACKEND_ACTIVE && known.contains(a) && !d.active.contains(a)
-            })
-            .map(|(a, (id, _))| (*a, *id))
-            .collect();
-        for (addr, id) in demote {
-            w.put_backend(id, &backend(&addr, BACKEND_TERMINATING, st.service_id))?;
-            st.backends.insert(addr, (id, BACKEND_TERMINATING));
-        }
-        let forget: Vec<(BackendAddr, u32)> = st
-            .backends
-            .iter()
-            .filter(|(a, _)| !known.contains(a))
-            .map(|(a, (id, _))| (*a, *id))
-            .collect();
-        for (addr, id) in forget {
-            w.del_backend(id)?;
-            st.backends.remove(&addr);
-            self.backend_ids.release(id);
-        }
-        Ok(())
+        Ok(FrontendState {
+            service_id: old.service_id,
+            owner: None,
+            head: Some(head),
+            slots,
+            backends,
+        })
     }
 
-    /// One marker per address that has at least one published frontend.
+    /// One marker per address that has at least one frontend in the map; written after
+    /// the frontends it covers, deleted after the last of them.
     fn sync_markers<M: ServiceMaps>(&mut self, w: &mut Writer<'_, M>) {
-        let mut wanted: BTreeMap<Ipv4Addr, Option<&ObjectRef>> = BTreeMap::new();
+        let mut wanted: BTreeMap<Ipv4Addr, Option<ObjectRef>> = BTreeMap::new();
         for (fe, st) in &self.frontends {
             if st.head.is_some() {
-                wanted.entry(fe.addr).or_insert(st.owner.as_ref());
-            }
-        }
-        let marker = ServiceValue {
-            flags: SVC_F_ADDR_MARKER,
-            ..Default::default()
-        };
-        for (addr, owner) in &wanted {
-            if self.markers.contains(addr) {
-                continue;
-            }
-            match w.put_service(&ServiceKey::addr_marker(addr_be(*addr)), &marker) {
-                Ok(()) => {
-                    self.markers.insert(*addr);
-                }
-                Err(e) => {
-                    w.stats
-                        .failed
-                        .push(failure(*owner, format!("address marker {addr}"), &e))
-                }
+                wanted.entry(fe.addr).or_insert_with(|| st.owner.clone());
             }
         }
         let stale: Vec<Ipv4Addr> = self
@@ -570,23 +632,203 @@ impl Applier {
             .filter(|a| !wanted.contains_key(a))
             .copied()
             .collect();
+        let mut failed = Vec::new();
+        for (addr, owner) in wanted {
+            if self.markers.contains(&addr) {
+                continue;
+            }
+            match w.apply(&Op::PutService(
+                ServiceKey::addr_marker(addr_be(addr)),
+                MARKER,
+            )) {
+                Ok(()) => {
+                    self.markers.insert(addr);
+                }
+                Err(e) => failed.push(Problem::new(
+                    owner.unwrap_or_else(|| ObjectRef::new("Address", "", &addr.to_string())),
+                    format!(
+                        "address marker {addr} not added (ports it does not define are \
+                         passed instead of rejected): {}",
+                        self.describe(&e)
+                    ),
+                )),
+            }
+        }
         for addr in stale {
-            match w.del_service(&ServiceKey::addr_marker(addr_be(addr))) {
+            match w.apply(&Op::DelService(ServiceKey::addr_marker(addr_be(addr)))) {
                 Ok(()) => {
                     self.markers.remove(&addr);
                 }
-                Err(e) => w
-                    .stats
-                    .failed
-                    .push(failure(None, format!("address marker {addr}"), &e)),
+                Err(e) => failed.push(Problem::new(
+                    ObjectRef::new("Address", "", &addr.to_string()),
+                    format!("address marker not removed: {}", self.describe(&e)),
+                )),
+            }
+        }
+        w.stats.failed.extend(failed);
+    }
+
+    /// Deletes adopted backends of no frontend, unless a slot still names one (the update
+    /// that was to rewrite that slot failed); those wait for the next sync.
+    fn delete_stray_backends<M: ServiceMaps>(&mut self, w: &mut Writer<'_, M>) {
+        if self.stray_backends.is_empty() {
+            return;
+        }
+        let named: BTreeSet<u32> = self
+            .frontends
+            .values()
+            .flat_map(|st| st.slots.iter().copied())
+            .collect();
+        let stray = std::mem::take(&mut self.stray_backends);
+        for id in stray {
+            if !named.contains(&id) && w.apply(&Op::DelBackend(id)).is_ok() {
+                self.backend_ids.release(id);
+            } else {
+                self.stray_backends.insert(id);
             }
         }
     }
 
-    /// Number of frontends programmed.
+    /// A map error in words, with the map's size when it is full.
+    fn describe(&self, e: &MapError) -> String {
+        if !e.is_full() {
+            return e.to_string();
+        }
+        if e.map == map_names::BACKENDS {
+            format!("backends map is full ({} entries)", self.backends_capacity)
+        } else {
+            format!("services map is full ({} entries)", self.services_capacity)
+        }
+    }
+
+    /// Number of frontends in the maps.
     pub fn frontend_count(&self) -> usize {
         self.frontends.len()
     }
+
+    /// The service id of `fe`, if it is in the maps.
+    pub fn service_id(&self, fe: &Frontend) -> Option<u32> {
+        self.frontends.get(fe).map(|st| st.service_id)
+    }
+
+    /// The backend id of `backend` under `fe`, if it is in the maps.
+    pub fn backend_id(&self, fe: &Frontend, backend: &BackendAddr) -> Option<u32> {
+        let st = self.frontends.get(fe)?;
+        st.backends
+            .iter()
+            .find(|(_, b)| backend_addr(b) == *backend)
+            .map(|(id, _)| *id)
+    }
+}
+
+/// The new slot vector: backends that stay keep their slots, new ones fill the holes of
+/// removed ones (swap-in), extra ones are appended, and remaining holes are closed by
+/// moving the last slot into them (swap-remove). `active` has no duplicates.
+fn layout_slots(old: &[u32], active: &[u32]) -> Vec<u32> {
+    let wanted: BTreeSet<u32> = active.iter().copied().collect();
+    let mut placed = BTreeSet::new();
+    let mut slots: Vec<Option<u32>> = old
+        .iter()
+        .map(|id| (wanted.contains(id) && placed.insert(*id)).then_some(*id))
+        .collect();
+    let mut missing = active.iter().filter(|id| !placed.contains(*id)).copied();
+    for slot in slots.iter_mut().filter(|s| s.is_none()) {
+        match missing.next() {
+            Some(id) => *slot = Some(id),
+            None => break,
+        }
+    }
+    slots.extend(missing.map(Some));
+    while let Some(hole) = slots.iter().position(Option::is_none) {
+        slots.swap_remove(hole);
+    }
+    slots.into_iter().flatten().collect()
+}
+
+/// The writes that take the maps from `old` to `new` for `fe`, in the safe order (see the
+/// module documentation), each with its undo. `new.head == None` removes the frontend:
+/// header first, then slots, then backends.
+fn transition(fe: &Frontend, old: &FrontendState, new: &FrontendState) -> Vec<Step> {
+    let mut steps = Vec::new();
+    let prev_slot = |i: usize| match old.slots.get(i) {
+        Some(&id) if id != 0 => Op::PutService(slot_key(fe, i), slot_value(id)),
+        _ => Op::DelService(slot_key(fe, i)),
+    };
+    let prev_backend = |id: u32| match old.backends.get(&id) {
+        Some(b) => Op::PutBackend(id, *b),
+        None => Op::DelBackend(id),
+    };
+    let head_key = key(fe, 0);
+    let prev_head = match old.head {
+        Some(h) => Op::PutService(head_key, h),
+        None => Op::DelService(head_key),
+    };
+
+    // Backends that slots will name, or that are new, first.
+    for (id, b) in &new.backends {
+        let before = old.backends.get(id);
+        if before != Some(b) && (b.state == BACKEND_ACTIVE || before.is_none()) {
+            steps.push(Step {
+                op: Op::PutBackend(*id, *b),
+                undo: prev_backend(*id),
+            });
+        }
+    }
+    let (old_len, new_len) = (old.slots.len(), new.slots.len());
+    for i in 0..old_len.min(new_len) {
+        if old.slots[i] != new.slots[i] {
+            steps.push(Step {
+                op: Op::PutService(slot_key(fe, i), slot_value(new.slots[i])),
+                undo: prev_slot(i),
+            });
+        }
+    }
+    let head = match (old.head, new.head) {
+        (before, Some(h)) if before != Some(h) => Some(Op::PutService(head_key, h)),
+        (Some(_), None) => Some(Op::DelService(head_key)),
+        _ => None,
+    }
+    .map(|op| Step {
+        op,
+        undo: prev_head,
+    });
+    if new_len > old_len {
+        for i in old_len..new_len {
+            steps.push(Step {
+                op: Op::PutService(slot_key(fe, i), slot_value(new.slots[i])),
+                undo: prev_slot(i),
+            });
+        }
+        steps.extend(head);
+    } else {
+        steps.extend(head);
+        for i in new_len..old_len {
+            steps.push(Step {
+                op: Op::DelService(slot_key(fe, i)),
+                undo: prev_slot(i),
+            });
+        }
+    }
+    // Backends leaving the slots become terminating only now, and the ones no longer
+    // known go last.
+    for (id, b) in &new.backends {
+        let before = old.backends.get(id);
+        if before.is_some() && before != Some(b) && b.state != BACKEND_ACTIVE {
+            steps.push(Step {
+                op: Op::PutBackend(*id, *b),
+                undo: prev_backend(*id),
+            });
+        }
+    }
+    for (id, b) in &old.backends {
+        if !new.backends.contains_key(id) {
+            steps.push(Step {
+                op: Op::DelBackend(*id),
+                undo: Op::PutBackend(*id, *b),
+            });
+        }
+    }
+    steps
 }
 
 #[cfg(test)]
@@ -610,8 +852,17 @@ mod tests {
     }
 
     fn svc(active: &[u8], terminating: &[u8], affinity: Option<u32>) -> DesiredService {
+        owned("web", active, terminating, affinity)
+    }
+
+    fn owned(
+        name: &str,
+        active: &[u8],
+        terminating: &[u8],
+        affinity: Option<u32>,
+    ) -> DesiredService {
         DesiredService {
-            owner: ObjectRef::new("Service", "default", "web"),
+            owner: ObjectRef::new("Service", "default", name),
             port_name: String::new(),
             active: active.iter().map(|l| b(*l)).collect(),
             terminating: terminating.iter().map(|l| b(*l)).collect(),
@@ -626,14 +877,13 @@ mod tests {
         }
     }
 
+    type FrontendView = (BTreeSet<BackendAddr>, BTreeSet<BackendAddr>, Option<u32>);
+
     /// Per frontend (active set, terminating set, affinity), plus the marker addresses.
-    type Rendering = (
-        BTreeMap<Frontend, (BTreeSet<BackendAddr>, BTreeSet<BackendAddr>, Option<u32>)>,
-        BTreeSet<Ipv4Addr>,
-    );
+    type Rendering = (BTreeMap<Frontend, FrontendView>, BTreeSet<Ipv4Addr>);
 
     /// Checks the datapath invariant on a map state: every slot 1..=count of every
-    /// frontend names an existing backend of that frontend's service.
+    /// frontend names an existing, active backend of that frontend's service.
     fn invariant(m: &MemMaps) -> Result<(), String> {
         for (k, v) in &m.services {
             if k.slot != 0 || v.flags & SVC_F_ADDR_MARKER != 0 {
@@ -645,12 +895,15 @@ mod tests {
                     return Err(format!("{k:?}: slot {slot} missing (count {})", v.count));
                 };
                 match m.backends.get(&sv.backend_id) {
-                    Some(be) if be.service_id == v.service_id => {}
-                    Some(_) => {
+                    Some(be) if be.service_id != v.service_id => {
                         return Err(format!(
                             "{k:?}: slot {slot} names another service's backend"
                         ));
                     }
+                    Some(be) if be.state != BACKEND_ACTIVE => {
+                        return Err(format!("{k:?}: slot {slot} names a terminating backend"));
+                    }
+                    Some(_) => {}
                     None => {
                         return Err(format!(
                             "{k:?}: slot {slot} names missing backend {}",
@@ -688,46 +941,70 @@ mod tests {
         }
     }
 
-    /// The maps as an independent rendering of `d` sees them: frontend -> (active backend
-    /// set, terminating set, affinity), plus the marker addresses.
+    /// The maps read back independently of the applier: frontend -> (active backends,
+    /// terminating backends, affinity), plus the marker addresses. Panics on entries that
+    /// no frontend accounts for.
     fn rendering(m: &MemMaps) -> Rendering {
         let mut out = BTreeMap::new();
         let mut markers = BTreeSet::new();
+        let mut accounted_services = BTreeSet::new();
+        let mut accounted_backends = BTreeSet::new();
+        let mut service_ids = BTreeSet::new();
         for (k, v) in &m.services {
             if v.flags & SVC_F_ADDR_MARKER != 0 {
+                assert_eq!((k.port_be, k.proto, k.slot), (0, 0, 0));
                 markers.insert(addr_of(k.addr_be));
+                accounted_services.insert(*k);
                 continue;
             }
             if k.slot != 0 {
                 continue;
             }
+            assert!(service_ids.insert(v.service_id), "service id reused");
+            assert_ne!(v.service_id, 0);
             let f = Frontend {
                 addr: addr_of(k.addr_be),
                 port: u16::from_be(k.port_be),
                 proto: protocol(k.proto).unwrap(),
             };
+            accounted_services.insert(*k);
             let mut active = BTreeSet::new();
             for slot in 1..=v.count {
-                let id = m.services[&ServiceKey { slot, ..*k }].backend_id;
+                let sk = ServiceKey { slot, ..*k };
+                accounted_services.insert(sk);
+                let id = m.services[&sk].backend_id;
                 let be = m.backends[&id];
                 assert_eq!(be.state, BACKEND_ACTIVE, "slot names a terminating backend");
-                active.insert(BackendAddr {
-                    addr: addr_of(be.addr_be),
-                    port: u16::from_be(be.port_be),
-                });
+                assert!(active.insert(backend_addr(&be)), "backend in two slots");
             }
-            let terminating = m
-                .backends
-                .values()
-                .filter(|be| be.service_id == v.service_id && be.state == BACKEND_TERMINATING)
-                .map(|be| BackendAddr {
-                    addr: addr_of(be.addr_be),
-                    port: u16::from_be(be.port_be),
-                })
-                .collect();
+            let mut terminating = BTreeSet::new();
+            for (id, be) in &m.backends {
+                if be.service_id != v.service_id {
+                    continue;
+                }
+                accounted_backends.insert(*id);
+                assert_eq!(be.proto, k.proto);
+                if be.state == BACKEND_TERMINATING {
+                    terminating.insert(backend_addr(be));
+                } else {
+                    assert!(active.contains(&backend_addr(be)), "unused active backend");
+                }
+            }
             let affinity = (v.flags & SVC_F_AFFINITY != 0).then_some(v.affinity_timeout_s);
             out.insert(f, (active, terminating, affinity));
         }
+        let stray: Vec<_> = m
+            .services
+            .keys()
+            .filter(|k| !accounted_services.contains(k))
+            .collect();
+        assert!(stray.is_empty(), "stray services entries {stray:?}");
+        let stray: Vec<_> = m
+            .backends
+            .keys()
+            .filter(|id| !accounted_backends.contains(id))
+            .collect();
+        assert!(stray.is_empty(), "stray backends {stray:?}");
         (out, markers)
     }
 
@@ -749,6 +1026,7 @@ mod tests {
         (services, d.services.keys().map(|f| f.addr).collect())
     }
 
+    /// Syncs with a fresh op log and checks the invariant after every op.
     fn sync(a: &mut Applier, d: &Desired, m: &mut MemMaps) -> SyncStats {
         let before = m.clone();
         m.log.clear();
@@ -757,28 +1035,51 @@ mod tests {
         stats
     }
 
+    fn head(count: u16, service_id: u32) -> ServiceValue {
+        ServiceValue {
+            backend_id: 0,
+            count,
+            flags: 0,
+            service_id,
+            affinity_timeout_s: 0,
+        }
+    }
+
+    fn backend(last: u8, state: u8, service_id: u32) -> Backend {
+        let a = b(last);
+        Backend {
+            addr_be: addr_be(a.addr),
+            port_be: a.port.to_be(),
+            proto: proto::TCP,
+            state,
+            service_id,
+        }
+    }
+
+    fn put_slot(f: &Frontend, slot: u16, id: u32) -> MemOp {
+        MemOp::PutService(key(f, slot), slot_value(id))
+    }
+
     #[test]
     fn new_service_writes_backends_then_slots_then_header_then_marker() {
         let mut a = Applier::new();
         let mut m = MemMaps::default();
-        let d = desired(&[(fe(10, 80), svc(&[1, 2], &[], None))]);
+        let f = fe(10, 80);
+        let d = desired(&[(f, svc(&[1, 2], &[3], None))]);
         let stats = sync(&mut a, &d, &mut m);
-        assert_eq!(stats.writes, 6);
-        let kinds: Vec<&str> = m
-            .log
-            .iter()
-            .map(|op| match op {
-                MemOp::PutBackend(..) => "backend",
-                MemOp::PutService(k, _) if k.port_be == 0 => "marker",
-                MemOp::PutService(k, _) if k.slot == 0 => "header",
-                MemOp::PutService(..) => "slot",
-                _ => "delete",
-            })
-            .collect();
         assert_eq!(
-            kinds,
-            ["backend", "backend", "slot", "slot", "header", "marker"]
+            m.log,
+            [
+                MemOp::PutBackend(1, backend(1, BACKEND_ACTIVE, 1)),
+                MemOp::PutBackend(2, backend(2, BACKEND_ACTIVE, 1)),
+                MemOp::PutBackend(3, backend(3, BACKEND_TERMINATING, 1)),
+                put_slot(&f, 1, 1),
+                put_slot(&f, 2, 2),
+                MemOp::PutService(key(&f, 0), head(2, 1)),
+                MemOp::PutService(ServiceKey::addr_marker(addr_be(f.addr)), MARKER),
+            ]
         );
+        assert_eq!((stats.writes, stats.deletes), (7, 0));
         assert_eq!(rendering(&m), expected(&d));
     }
 
@@ -792,136 +1093,221 @@ mod tests {
         ]);
         sync(&mut a, &d, &mut m);
         let stats = sync(&mut a, &d, &mut m);
-        assert_eq!((stats.writes, stats.deletes), (0, 0));
+        assert_eq!(stats, SyncStats::default());
         assert!(m.log.is_empty());
     }
 
     #[test]
-    fn removing_a_backend_refills_its_slot_from_the_last() {
+    fn growing_writes_new_backends_and_slots_before_the_count() {
         let mut a = Applier::new();
         let mut m = MemMaps::default();
-        sync(
-            &mut a,
-            &desired(&[(fe(10, 80), svc(&[1, 2, 3, 4], &[], None))]),
-            &mut m,
-        );
-        let d = desired(&[(fe(10, 80), svc(&[1, 3, 4], &[], None))]);
+        let f = fe(10, 80);
+        sync(&mut a, &desired(&[(f, svc(&[1], &[], None))]), &mut m);
+        let d = desired(&[(f, svc(&[1, 2, 3], &[], None))]);
         sync(&mut a, &d, &mut m);
-        // Slot 2 (backend 2) gets the last slot's backend, the header shrinks, slot 4 goes,
-        // then backend 2 is deleted: four operations, slots 1 and 3 untouched.
-        assert_eq!(m.log.len(), 4, "{:#?}", m.log);
-        assert!(matches!(m.log[0], MemOp::PutService(k, _) if k.slot == 2));
-        assert!(matches!(m.log[1], MemOp::PutService(k, v) if k.slot == 0 && v.count == 3));
-        assert!(matches!(m.log[2], MemOp::DelService(k) if k.slot == 4));
-        assert!(matches!(m.log[3], MemOp::DelBackend(_)));
-        assert_eq!(rendering(&m), expected(&d));
-    }
-
-    #[test]
-    fn replacing_a_backend_rewrites_one_slot_in_place() {
-        let mut a = Applier::new();
-        let mut m = MemMaps::default();
-        sync(
-            &mut a,
-            &desired(&[(fe(10, 80), svc(&[1, 2, 3], &[], None))]),
-            &mut m,
-        );
-        let d = desired(&[(fe(10, 80), svc(&[1, 3, 5], &[], None))]);
-        sync(&mut a, &d, &mut m);
-        assert_eq!(m.log.len(), 3, "{:#?}", m.log);
-        assert!(matches!(m.log[0], MemOp::PutBackend(..)));
-        assert!(matches!(m.log[1], MemOp::PutService(k, _) if k.slot == 2));
-        assert!(matches!(m.log[2], MemOp::DelBackend(_)));
-    }
-
-    #[test]
-    fn growing_writes_slots_before_the_count() {
-        let mut a = Applier::new();
-        let mut m = MemMaps::default();
-        sync(
-            &mut a,
-            &desired(&[(fe(10, 80), svc(&[1], &[], None))]),
-            &mut m,
-        );
-        let d = desired(&[(fe(10, 80), svc(&[1, 2, 3], &[], None))]);
-        sync(&mut a, &d, &mut m);
-        let last = m.log.last().unwrap();
-        assert!(
-            matches!(last, MemOp::PutService(k, v) if k.slot == 0 && v.count == 3),
-            "{last:?}"
-        );
-        assert_eq!(rendering(&m), expected(&d));
-    }
-
-    #[test]
-    fn terminating_transitions_keep_backend_ids() {
-        let mut a = Applier::new();
-        let mut m = MemMaps::default();
-        sync(
-            &mut a,
-            &desired(&[(fe(10, 80), svc(&[1, 2], &[], None))]),
-            &mut m,
-        );
-        let ids: BTreeMap<u32, Backend> = m.backends.clone();
-        let d = desired(&[(fe(10, 80), svc(&[1], &[2], None))]);
-        sync(&mut a, &d, &mut m);
-        assert_eq!(rendering(&m), expected(&d));
         assert_eq!(
-            m.backends.keys().collect::<Vec<_>>(),
-            ids.keys().collect::<Vec<_>>(),
-            "same ids"
+            m.log,
+            [
+                MemOp::PutBackend(2, backend(2, BACKEND_ACTIVE, 1)),
+                MemOp::PutBackend(3, backend(3, BACKEND_ACTIVE, 1)),
+                put_slot(&f, 2, 2),
+                put_slot(&f, 3, 3),
+                MemOp::PutService(key(&f, 0), head(3, 1)),
+            ]
         );
-        let d = desired(&[(fe(10, 80), svc(&[1, 2], &[], None))]);
-        sync(&mut a, &d, &mut m);
         assert_eq!(rendering(&m), expected(&d));
-        assert_eq!(
-            m.backends.keys().collect::<Vec<_>>(),
-            ids.keys().collect::<Vec<_>>(),
-            "same ids"
+    }
+
+    #[test]
+    fn shrinking_moves_the_last_slot_into_the_hole_then_lowers_the_count() {
+        let mut a = Applier::new();
+        let mut m = MemMaps::default();
+        let f = fe(10, 80);
+        sync(
+            &mut a,
+            &desired(&[(f, svc(&[1, 2, 3, 4], &[], None))]),
+            &mut m,
         );
+        let d = desired(&[(f, svc(&[1, 3, 4], &[], None))]);
+        sync(&mut a, &d, &mut m);
+        // Slots 1 and 3 are untouched.
+        assert_eq!(
+            m.log,
+            [
+                put_slot(&f, 2, 4),
+                MemOp::PutService(key(&f, 0), head(3, 1)),
+                MemOp::DelService(key(&f, 4)),
+                MemOp::DelBackend(2),
+            ]
+        );
+        assert_eq!(rendering(&m), expected(&d));
+
+        // Down to nothing: the count goes to 0 first, the header stays.
+        let d = desired(&[(f, svc(&[], &[], None))]);
+        sync(&mut a, &d, &mut m);
+        assert_eq!(m.log[0], MemOp::PutService(key(&f, 0), head(0, 1)));
+        assert_eq!(m.log.len(), 1 + 3 + 3);
+        assert_eq!(rendering(&m), expected(&d));
+    }
+
+    #[test]
+    fn replacing_a_backend_rewrites_only_its_slot() {
+        let mut a = Applier::new();
+        let mut m = MemMaps::default();
+        let f = fe(10, 80);
+        sync(&mut a, &desired(&[(f, svc(&[1, 2, 3], &[], None))]), &mut m);
+        let d = desired(&[(f, svc(&[1, 3, 5], &[], None))]);
+        sync(&mut a, &d, &mut m);
+        assert_eq!(
+            m.log,
+            [
+                MemOp::PutBackend(4, backend(5, BACKEND_ACTIVE, 1)),
+                put_slot(&f, 2, 4),
+                MemOp::DelBackend(2),
+            ]
+        );
+        assert_eq!(rendering(&m), expected(&d));
+    }
+
+    #[test]
+    fn terminating_transitions_keep_backend_ids_and_order_their_writes() {
+        let mut a = Applier::new();
+        let mut m = MemMaps::default();
+        let f = fe(10, 80);
+        sync(&mut a, &desired(&[(f, svc(&[1, 2], &[], None))]), &mut m);
+
+        // Active -> terminating: out of the slots first, then marked.
+        let d = desired(&[(f, svc(&[1], &[2], None))]);
+        sync(&mut a, &d, &mut m);
+        assert_eq!(
+            m.log,
+            [
+                MemOp::PutService(key(&f, 0), head(1, 1)),
+                MemOp::DelService(key(&f, 2)),
+                MemOp::PutBackend(2, backend(2, BACKEND_TERMINATING, 1)),
+            ]
+        );
+        assert_eq!(rendering(&m), expected(&d));
+
+        // Terminating -> active: marked first, then into a slot.
+        let d = desired(&[(f, svc(&[1, 2], &[], None))]);
+        sync(&mut a, &d, &mut m);
+        assert_eq!(
+            m.log,
+            [
+                MemOp::PutBackend(2, backend(2, BACKEND_ACTIVE, 1)),
+                put_slot(&f, 2, 2),
+                MemOp::PutService(key(&f, 0), head(2, 1)),
+            ]
+        );
+
+        // Terminating -> gone.
+        sync(&mut a, &desired(&[(f, svc(&[1], &[2], None))]), &mut m);
+        let d = desired(&[(f, svc(&[1], &[], None))]);
+        sync(&mut a, &d, &mut m);
+        assert_eq!(m.log, [MemOp::DelBackend(2)]);
+        assert_eq!(rendering(&m), expected(&d));
+    }
+
+    #[test]
+    fn affinity_changes_rewrite_only_the_header() {
+        let mut a = Applier::new();
+        let mut m = MemMaps::default();
+        let f = fe(10, 80);
+        sync(&mut a, &desired(&[(f, svc(&[1, 2], &[], None))]), &mut m);
+        sync(
+            &mut a,
+            &desired(&[(f, svc(&[1, 2], &[], Some(30)))]),
+            &mut m,
+        );
+        let want = ServiceValue {
+            flags: SVC_F_AFFINITY,
+            affinity_timeout_s: 30,
+            ..head(2, 1)
+        };
+        assert_eq!(m.log, [MemOp::PutService(key(&f, 0), want)]);
     }
 
     #[test]
     fn empty_service_has_a_zero_count_header() {
         let mut a = Applier::new();
         let mut m = MemMaps::default();
-        let d = desired(&[(fe(10, 80), svc(&[], &[], None))]);
+        let f = fe(10, 80);
+        let d = desired(&[(f, svc(&[], &[4], None))]);
         sync(&mut a, &d, &mut m);
-        let head = m.services[&key(&fe(10, 80), 0)];
-        assert_eq!(head.count, 0);
-        assert_ne!(head.service_id, 0);
-    }
-
-    #[test]
-    fn removing_a_frontend_deletes_header_first_and_marker_last() {
-        let mut a = Applier::new();
-        let mut m = MemMaps::default();
-        sync(
-            &mut a,
-            &desired(&[(fe(10, 80), svc(&[1, 2], &[], None))]),
-            &mut m,
-        );
-        sync(&mut a, &desired(&[]), &mut m);
-        assert!(matches!(m.log[0], MemOp::DelService(k) if k.slot == 0 && k.port_be != 0));
-        assert!(matches!(m.log.last().unwrap(), MemOp::DelService(k) if k.port_be == 0));
-        assert!(m.services.is_empty() && m.backends.is_empty());
-    }
-
-    #[test]
-    fn marker_stays_while_any_port_of_the_address_remains() {
-        let mut a = Applier::new();
-        let mut m = MemMaps::default();
-        sync(
-            &mut a,
-            &desired(&[
-                (fe(10, 80), svc(&[1], &[], None)),
-                (fe(10, 443), svc(&[1], &[], None)),
-            ]),
-            &mut m,
-        );
-        let d = desired(&[(fe(10, 443), svc(&[1], &[], None))]);
-        sync(&mut a, &d, &mut m);
+        assert_eq!(m.services[&key(&f, 0)], head(0, 1));
         assert_eq!(rendering(&m), expected(&d));
+    }
+
+    #[test]
+    fn removing_a_frontend_deletes_header_then_slots_then_backends_then_marker() {
+        let mut a = Applier::new();
+        let mut m = MemMaps::default();
+        let f = fe(10, 80);
+        sync(&mut a, &desired(&[(f, svc(&[1, 2], &[3], None))]), &mut m);
+        sync(&mut a, &desired(&[]), &mut m);
+        assert_eq!(
+            m.log,
+            [
+                MemOp::DelService(key(&f, 0)),
+                MemOp::DelService(key(&f, 1)),
+                MemOp::DelService(key(&f, 2)),
+                MemOp::DelBackend(1),
+                MemOp::DelBackend(2),
+                MemOp::DelBackend(3),
+                MemOp::DelService(ServiceKey::addr_marker(addr_be(f.addr))),
+            ]
+        );
+        assert!(m.services.is_empty() && m.backends.is_empty());
+        assert_eq!(a.frontend_count(), 0);
+    }
+
+    #[test]
+    fn marker_lives_while_any_frontend_of_its_address_does() {
+        let mut a = Applier::new();
+        let mut m = MemMaps::default();
+        let marker = ServiceKey::addr_marker(addr_be(fe(10, 80).addr));
+        let both = desired(&[
+            (fe(10, 80), svc(&[1], &[], None)),
+            (fe(10, 443), svc(&[1], &[], None)),
+        ]);
+        sync(&mut a, &both, &mut m);
+        let markers = |m: &MemMaps| {
+            m.log.iter().filter(|op| matches!(op, MemOp::PutService(k, _) | MemOp::DelService(k) if *k == marker)).count()
+        };
+        assert_eq!(markers(&m), 1, "one marker for two ports");
+        let one = desired(&[(fe(10, 443), svc(&[1], &[], None))]);
+        sync(&mut a, &one, &mut m);
+        assert_eq!(markers(&m), 0, "marker untouched");
+        assert_eq!(rendering(&m), expected(&one));
+        sync(&mut a, &desired(&[]), &mut m);
+        assert_eq!(m.log.last(), Some(&MemOp::DelService(marker)));
+        assert!(m.services.is_empty());
+    }
+
+    #[test]
+    fn freed_ids_are_reused_lowest_first_and_zero_is_never_used() {
+        let mut a = Applier::new();
+        let mut m = MemMaps::default();
+        let (f, g) = (fe(10, 80), fe(11, 80));
+        sync(
+            &mut a,
+            &desired(&[(f, svc(&[1, 2, 3], &[], None)), (g, svc(&[4], &[], None))]),
+            &mut m,
+        );
+        assert_eq!((a.service_id(&f), a.service_id(&g)), (Some(1), Some(2)));
+        assert_eq!(a.backend_id(&g, &b(4)), Some(4));
+        sync(&mut a, &desired(&[(g, svc(&[4], &[], None))]), &mut m);
+        let h = fe(12, 80);
+        sync(
+            &mut a,
+            &desired(&[(g, svc(&[4], &[], None)), (h, svc(&[7, 8], &[], None))]),
+            &mut m,
+        );
+        assert_eq!(a.service_id(&h), Some(1));
+        assert_eq!(a.backend_id(&h, &b(7)), Some(1));
+        assert_eq!(a.backend_id(&h, &b(8)), Some(2));
+        assert!(!m.backends.contains_key(&0));
     }
 
     #[test]
@@ -934,16 +1320,26 @@ mod tests {
             (fe(12, 80), svc(&[], &[], None)),
         ]);
         sync(&mut a, &d, &mut m);
+        // Some churn so that slots are not in address order.
+        let d = desired(&[
+            (fe(10, 80), svc(&[1, 3, 6], &[4], Some(30))),
+            (fe(11, 80), svc(&[5], &[], None)),
+            (fe(12, 80), svc(&[], &[], None)),
+        ]);
+        sync(&mut a, &d, &mut m);
         let snapshot = (m.services.clone(), m.backends.clone());
         let mut b = Applier::adopt(&m).unwrap();
         let stats = sync(&mut b, &d, &mut m);
-        assert_eq!((stats.writes, stats.deletes), (0, 0), "{:#?}", m.log);
-        // A change after adoption reuses nothing in use.
+        assert_eq!(stats, SyncStats::default(), "{:#?}", m.log);
+        for f in d.services.keys() {
+            assert_eq!(b.service_id(f), a.service_id(f));
+        }
+        // A change after adoption reuses no id in use and touches no existing backend.
         let d2 = desired(&[
-            (fe(10, 80), svc(&[1, 2, 3, 6], &[4], Some(30))),
+            (fe(10, 80), svc(&[1, 3, 6, 7], &[4], Some(30))),
             (fe(11, 80), svc(&[5], &[], None)),
             (fe(12, 80), svc(&[], &[], None)),
-            (fe(13, 80), svc(&[7], &[], None)),
+            (fe(13, 80), svc(&[8], &[], None)),
         ]);
         sync(&mut b, &d2, &mut m);
         assert_eq!(rendering(&m), expected(&d2));
@@ -953,60 +1349,192 @@ mod tests {
     }
 
     #[test]
-    fn adopt_cleans_up_leftovers() {
+    fn adopt_repairs_and_cleans_up_leftovers() {
         let mut m = MemMaps::default();
-        let f = fe(10, 80);
-        // A slot without header, and a backend of no service.
+        let (f, g, s) = (fe(10, 80), fe(11, 80), fe(12, 80));
+        // f: count 2, slot 2 names a missing backend, a slot 3 past the count.
+        m.services.insert(key(&f, 0), head(2, 5));
+        m.services.insert(key(&f, 1), slot_value(1));
+        m.services.insert(key(&f, 2), slot_value(99));
+        m.services.insert(key(&f, 3), slot_value(1));
+        m.backends.insert(1, backend(1, BACKEND_ACTIVE, 5));
+        // g: a header reusing f's service id, with a slot.
+        m.services.insert(key(&g, 0), head(1, 5));
+        m.services.insert(key(&g, 1), slot_value(1));
+        // A slot without header, a backend of no service, a slot under a marker key.
+        m.services.insert(key(&s, 4), slot_value(1));
+        m.backends.insert(7, backend(7, BACKEND_ACTIVE, 42));
+        m.services.insert(ServiceKey::addr_marker(9), slot_value(0));
         m.services.insert(
-            key(&f, 3),
-            ServiceValue {
-                backend_id: 9,
-                ..Default::default()
+            ServiceKey {
+                slot: 1,
+                ..ServiceKey::addr_marker(9)
             },
+            slot_value(0),
         );
-        m.backends.insert(
-            9,
-            Backend {
-                addr_be: 1,
-                port_be: 1,
-                proto: proto::TCP,
-                state: 0,
-                service_id: 77,
-            },
-        );
+
         let mut a = Applier::adopt(&m).unwrap();
-        sync(&mut a, &desired(&[]), &mut m);
-        assert!(m.services.is_empty() && m.backends.is_empty());
+        let d = desired(&[(f, svc(&[1, 2], &[], None)), (g, svc(&[3], &[], None))]);
+        m.log.clear();
+        a.sync(&d, &mut m).unwrap();
+        assert_eq!(rendering(&m), expected(&d));
+        assert_eq!(a.service_id(&f), Some(5), "f keeps its id");
+        assert_eq!(a.backend_id(&f, &b(1)), Some(1));
+        let pos = |op: &MemOp| m.log.iter().position(|o| o == op).unwrap();
+        assert!(
+            pos(&MemOp::DelBackend(7)) > pos(&put_slot(&f, 2, 2)),
+            "stray backends go last"
+        );
+        let stats = sync(&mut a, &d, &mut m);
+        assert_eq!(stats, SyncStats::default());
     }
 
     #[test]
-    fn full_map_fails_one_service_and_keeps_the_others() {
-        let mut a = Applier::new();
+    fn full_map_keeps_the_failing_service_as_it_was_and_applies_the_others() {
+        let mut a = Applier::new().with_capacity(9, 100);
         let mut m = MemMaps {
-            services_capacity: Some(8),
+            services_capacity: Some(9),
             ..Default::default()
         };
+        let (f, g, h) = (fe(10, 80), fe(11, 80), fe(12, 80));
+        // f: header + 2 slots + marker = 4 entries; g would need 8; h needs 3.
         let d = desired(&[
-            (fe(10, 80), svc(&[1, 2], &[], None)),
-            (fe(11, 80), svc(&[3, 4, 5, 6, 7, 8], &[], None)),
-            (fe(12, 80), svc(&[9], &[], None)),
+            (f, owned("a", &[1, 2], &[], None)),
+            (g, owned("b", &[3, 4, 5, 6, 7, 8], &[], None)),
+            (h, owned("c", &[9], &[], None)),
         ]);
         let stats = sync(&mut a, &d, &mut m);
-        assert_eq!(stats.failed.len(), 1, "{:#?}", stats.failed);
-        let msg = stats.failed[0].to_string();
-        assert!(
-            msg.starts_with("Service default/web: 10.96.0.11:80/TCP not programmed"),
-            "{msg}"
+        assert_eq!(
+            stats
+                .failed
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>(),
+            ["Service default/b: 10.96.0.11:80/TCP not added: services map is full (9 entries)"]
         );
-        assert!(msg.contains("map is full"), "{msg}");
-        invariant(&m).unwrap();
-        let (got, _) = rendering(&m);
-        assert!(got.contains_key(&fe(10, 80)));
-        // Room appears: the next sync completes the failed Service.
+        let (got, markers) = rendering(&m);
+        assert_eq!(
+            got.keys().collect::<Vec<_>>(),
+            [&f, &h],
+            "g left nothing behind"
+        );
+        assert_eq!(markers.len(), 2);
+
+        // f grows beyond what fits: it keeps exactly its old entries.
+        let before = m.clone();
+        let d2 = desired(&[
+            (f, owned("a", &[1, 2, 10, 11, 12], &[], None)),
+            (h, owned("c", &[9], &[], None)),
+        ]);
+        let stats = sync(&mut a, &d2, &mut m);
+        assert_eq!(stats.failed.len(), 1, "{:#?}", stats.failed);
+        assert!(
+            stats.failed[0]
+                .to_string()
+                .starts_with("Service default/a: 10.96.0.10:80/TCP not updated"),
+            "{}",
+            stats.failed[0]
+        );
+        assert_eq!(
+            (&m.services, &m.backends),
+            (&before.services, &before.backends)
+        );
+
+        // Room appears: the next sync completes, and then nothing is left to do.
         m.services_capacity = None;
         let stats = sync(&mut a, &d, &mut m);
         assert!(stats.failed.is_empty());
         assert_eq!(rendering(&m), expected(&d));
+        assert_eq!(sync(&mut a, &d, &mut m), SyncStats::default());
+    }
+
+    #[test]
+    fn layout_keeps_positions_swaps_in_and_swap_removes() {
+        assert_eq!(layout_slots(&[1, 2, 3, 4], &[1, 3, 4]), [1, 4, 3]);
+        assert_eq!(layout_slots(&[1, 2, 3, 4], &[1, 3, 4, 9]), [1, 9, 3, 4]);
+        assert_eq!(layout_slots(&[1, 2, 3, 4], &[4]), [4]);
+        assert_eq!(layout_slots(&[1, 2], &[2, 1, 5, 6]), [1, 2, 5, 6]);
+        assert_eq!(layout_slots(&[1, 1, 0, 3], &[1, 3]), [1, 3]);
+        assert_eq!(layout_slots(&[], &[]), Vec::<u32>::new());
+    }
+
+    /// Maps that fail chosen writes, to exercise undo and resync paths.
+    struct Flaky {
+        inner: MemMaps,
+        /// Fail the n-th write from now (0-based) ...
+        fail: BTreeSet<usize>,
+        writes: usize,
+    }
+
+    impl ServiceMaps for Flaky {
+        fn services(&self) -> Result<Vec<(ServiceKey, ServiceValue)>, MapError> {
+            self.inner.services()
+        }
+        fn backends(&self) -> Result<Vec<(u32, Backend)>, MapError> {
+            self.inner.backends()
+        }
+        fn put_service(&mut self, k: &ServiceKey, v: &ServiceValue) -> Result<(), MapError> {
+            self.check("insert")?;
+            self.inner.put_service(k, v)
+        }
+        fn del_service(&mut self, k: &ServiceKey) -> Result<(), MapError> {
+            self.check("remove")?;
+            self.inner.del_service(k)
+        }
+        fn put_backend(&mut self, id: u32, b: &Backend) -> Result<(), MapError> {
+            self.check("insert")?;
+            self.inner.put_backend(id, b)
+        }
+        fn del_backend(&mut self, id: u32) -> Result<(), MapError> {
+            self.check("remove")?;
+            self.inner.del_backend(id)
+        }
+    }
+
+    impl Flaky {
+        fn check(&mut self, op: &'static str) -> Result<(), MapError> {
+            let n = self.writes;
+            self.writes += 1;
+            if self.fail.contains(&n) {
+                return Err(MapError {
+                    map: map_names::SERVICES,
+                    op,
+                    key: String::new(),
+                    source: std::io::Error::from_raw_os_error(libc::EIO),
+                });
+            }
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_write_that_cannot_be_undone_makes_the_applier_read_the_maps_back() {
+        let mut a = Applier::new();
+        let f = fe(10, 80);
+        let mut m = Flaky {
+            inner: MemMaps::default(),
+            fail: BTreeSet::new(),
+            writes: 0,
+        };
+        a.sync(&desired(&[(f, svc(&[1], &[], None))]), &mut m)
+            .unwrap();
+        // Growing f: backend 2, backend 3, slot 2, slot 3 (fails); the undo of slot 2
+        // fails too, so slot 2 stays past the count.
+        m.writes = 0;
+        m.fail = BTreeSet::from([3, 4]);
+        let d = desired(&[(f, svc(&[1, 2, 3], &[], None))]);
+        let stats = a.sync(&d, &mut m).unwrap();
+        assert_eq!(stats.failed.len(), 1);
+        assert!(
+            stats.failed[0].to_string().contains("re-reading the maps"),
+            "{}",
+            stats.failed[0]
+        );
+        invariant(&m.inner).unwrap();
+        m.fail.clear();
+        a.sync(&d, &mut m.inner).unwrap();
+        assert_eq!(rendering(&m.inner), expected(&d));
+        assert_eq!(a.sync(&d, &mut m.inner).unwrap(), SyncStats::default());
     }
 
     /// xorshift, so the test needs no extra crate and is reproducible.
@@ -1023,49 +1551,118 @@ mod tests {
         }
     }
 
+    fn random_desired(rng: &mut Rng) -> Desired {
+        let mut entries = Vec::new();
+        for nr in 0..rng.below(7) as u8 {
+            let mut active = Vec::new();
+            let mut terminating = Vec::new();
+            for backend in 1..=12u8 {
+                match rng.below(5) {
+                    0 | 1 => active.push(backend),
+                    2 => terminating.push(backend),
+                    _ => {}
+                }
+            }
+            let affinity = (rng.below(3) == 0).then(|| rng.below(100) as u32 + 1);
+            let port = 80 + rng.below(2) as u16 + u16::from(nr);
+            entries.push((
+                fe(10 + nr % 3, port),
+                owned(&format!("s{nr}"), &active, &terminating, affinity),
+            ));
+        }
+        desired(&entries)
+    }
+
     #[test]
     fn random_changes_keep_maps_equal_to_desired_and_the_invariant_at_every_step() {
         let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
         let mut a = Applier::new();
         let mut m = MemMaps::default();
-        for round in 0..400 {
-            let mut entries = Vec::new();
-            for svc_nr in 0..rng.below(6) as u8 {
-                let mut active = BTreeSet::new();
-                let mut terminating = BTreeSet::new();
-                for backend in 1..=12u8 {
-                    match rng.below(4) {
-                        0 | 1 => {
-                            active.insert(backend);
-                        }
-                        2 if rng.below(2) == 0 => {
-                            terminating.insert(backend);
-                        }
-                        _ => {}
-                    }
+        for round in 0..600 {
+            let d = random_desired(&mut rng);
+            // Every few rounds the services map is nearly full.
+            let tight = rng.below(4) == 0;
+            m.services_capacity = tight.then(|| m.services.len() + rng.below(6) as usize);
+            let before = rendering(&m).0;
+            let stats = sync(&mut a, &d, &mut m);
+            assert!(
+                tight || stats.failed.is_empty(),
+                "round {round}: {:#?}",
+                stats.failed
+            );
+            let (got, markers) = rendering(&m);
+            let failed: BTreeSet<Frontend> = d
+                .services
+                .keys()
+                .chain(before.keys())
+                .filter(|f| {
+                    let prefix = format!("{f} ");
+                    stats.failed.iter().any(|p| p.reason.starts_with(&prefix))
+                })
+                .copied()
+                .collect();
+            let want = expected(&d).0;
+            for f in d.services.keys().chain(before.keys()) {
+                if failed.contains(f) {
+                    // Old entries, or nothing.
+                    assert_eq!(got.get(f), before.get(f), "round {round}: failed {f}");
+                } else {
+                    assert_eq!(got.get(f), want.get(f), "round {round}: {f}");
                 }
-                let affinity = (rng.below(3) == 0).then_some(rng.below(100) as u32 + 1);
-                let port = 80 + rng.below(2) as u16;
-                let a: Vec<u8> = active.into_iter().collect();
-                let t: Vec<u8> = terminating.into_iter().collect();
-                entries.push((
-                    fe(10 + svc_nr % 3, port + u16::from(svc_nr)),
-                    svc(&a, &t, affinity),
-                ));
             }
-            let d = desired(&entries);
-            sync(&mut a, &d, &mut m);
-            assert_eq!(rendering(&m), expected(&d), "round {round}");
-            // Every 50 rounds, restart the agent.
-            if round % 50 == 49 {
+            let addrs: BTreeSet<Ipv4Addr> = got.keys().map(|f| f.addr).collect();
+            if stats
+                .failed
+                .iter()
+                .any(|p| p.reason.starts_with("address marker"))
+            {
+                assert!(markers.is_subset(&addrs), "round {round}");
+            } else {
+                assert_eq!(markers, addrs, "round {round}");
+            }
+
+            // A restart now and then: adoption must see exactly what the applier knew.
+            m.services_capacity = None;
+            if round % 25 == 24 {
                 a = Applier::adopt(&m).unwrap();
-                let stats = sync(&mut a, &d, &mut m);
-                assert_eq!(
-                    (stats.writes, stats.deletes),
-                    (0, 0),
-                    "round {round} after adopt"
-                );
             }
+            let stats = sync(&mut a, &d, &mut m);
+            assert!(stats.failed.is_empty(), "round {round}");
+            assert_eq!(rendering(&m), expected(&d), "round {round}");
+            assert_eq!(
+                sync(&mut a, &d, &mut m),
+                SyncStats::default(),
+                "round {round}"
+            );
+        }
+    }
+
+    #[test]
+    fn random_failures_never_break_the_invariant_and_always_converge() {
+        let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+        let mut a = Applier::new();
+        let mut m = Flaky {
+            inner: MemMaps::default(),
+            fail: BTreeSet::new(),
+            writes: 0,
+        };
+        for round in 0..300 {
+            let d = random_desired(&mut rng);
+            m.writes = 0;
+            m.fail = (0..3).map(|_| rng.below(40) as usize).collect();
+            let before = m.inner.clone();
+            m.inner.log.clear();
+            a.sync(&d, &mut m).unwrap();
+            replay_invariant(&before, &m.inner.log);
+            m.fail.clear();
+            let stats = sync(&mut a, &d, &mut m.inner);
+            assert!(stats.failed.is_empty(), "round {round}");
+            assert_eq!(rendering(&m.inner), expected(&d), "round {round}");
+            assert_eq!(
+                sync(&mut a, &d, &mut m.inner),
+                SyncStats::default(),
+                "round {round}"
+            );
         }
     }
 }

@@ -14,7 +14,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fs,
     path::{Path, PathBuf},
-    time::SystemTime,
+    time::{Duration, SystemTime},
 };
 
 use k8s_openapi::api::{
@@ -23,17 +23,43 @@ use k8s_openapi::api::{
 };
 use serde_json::Value;
 
-use crate::model::{ObjectRef, Objects, Problem};
+use crate::model::{LABEL_SERVICE_NAME, ObjectRef, Objects, Problem};
 
-/// The directory itself is unusable.
+/// The manifests directory itself is unusable (problems with single files are
+/// [`Problem`]s in the [`Scan`] instead).
 #[derive(Debug, thiserror::Error)]
-#[error("cannot read manifests directory {path}: {source}")]
-pub struct ManifestError {
-    /// The directory.
-    pub path: PathBuf,
-    /// Why.
-    #[source]
-    pub source: std::io::Error,
+pub enum ManifestError {
+    /// The directory cannot be listed.
+    // The reason is part of the message (and deliberately not a `#[source]`, which would
+    // print it twice in an error chain): "cannot read manifests directory /x: No such file
+    // or directory".
+    #[error("cannot read manifests directory {}: {}", path.display(), io_reason(reason))]
+    ReadDir {
+        /// The directory.
+        path: PathBuf,
+        /// What the kernel said.
+        reason: std::io::Error,
+    },
+}
+
+impl ManifestError {
+    /// Stable label for failure counters.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Self::ReadDir { .. } => "read_dir",
+        }
+    }
+}
+
+/// An I/O error in words, without the "(os error N)" suffix.
+fn io_reason(e: &std::io::Error) -> String {
+    let text = e.to_string();
+    match e.raw_os_error() {
+        Some(code) => text
+            .strip_suffix(&format!(" (os error {code})"))
+            .map_or_else(|| text.clone(), str::to_owned),
+        None => text,
+    }
 }
 
 /// The objects a scan found and what was wrong on the way.
@@ -75,25 +101,41 @@ pub struct ManifestDir {
 }
 
 impl ManifestDir {
-    /// Opens `path`, failing clearly if it cannot be read.
-    pub fn open(path: &Path) -> Result<Self, ManifestError> {
-        fs::read_dir(path).map_err(|source| ManifestError {
-            path: path.to_path_buf(),
-            source,
-        })?;
+    /// Opens `path`, failing clearly if it cannot be read. Nothing is parsed yet: the first
+    /// [`rescan`](Self::rescan) (or [`scan`](Self::scan)) does that.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self, ManifestError> {
+        let path = path.as_ref().to_path_buf();
+        if let Err(reason) = fs::read_dir(&path) {
+            return Err(ManifestError::ReadDir { path, reason });
+        }
         Ok(Self {
-            path: path.to_path_buf(),
+            path,
             files: BTreeMap::new(),
             last: None,
         })
     }
 
-    /// Re-reads changed files. Returns the new scan when the objects in force or the
-    /// problems changed (always on the first call), `None` otherwise.
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Re-reads what changed and returns the full current scan, changed or not (for the
+    /// synchronous first scan at start-up).
+    pub fn scan(&mut self) -> Result<Scan, ManifestError> {
+        if let Some(scan) = self.rescan()? {
+            return Ok(scan);
+        }
+        Ok(self.last.clone().unwrap_or_default())
+    }
+
+    /// Re-reads the files whose modification time or size changed (a file whose content
+    /// turns out the same counts as unchanged). Returns the new scan when the objects in
+    /// force or the problems changed (always on the first call), `None` otherwise.
     pub fn rescan(&mut self) -> Result<Option<Scan>, ManifestError> {
-        let entries = fs::read_dir(&self.path).map_err(|source| ManifestError {
+        let entries = fs::read_dir(&self.path).map_err(|reason| ManifestError::ReadDir {
             path: self.path.clone(),
-            source,
+            reason,
         })?;
         let mut present = BTreeSet::new();
         for entry in entries.flatten() {
@@ -216,65 +258,129 @@ fn refresh_file(path: &Path, state: &mut FileState) {
 
 type Parsed = (Vec<(ObjectRef, Obj)>, Vec<String>);
 
-/// Parses one file into objects and notes; any error rejects the whole file.
+/// Parses one file into objects and notes; any error rejects the whole file, so that a
+/// half-edited file never replaces its last good content with part of itself.
 fn parse_file(text: &str, path: &Path) -> Result<Parsed, String> {
-    let docs: Vec<Value> = if path.extension().is_some_and(|e| e == "json") {
-        let v: Value = serde_json::from_str(text).map_err(|e| {
+    let docs = if path.extension().is_some_and(|e| e == "json") {
+        json_documents(text)?
+    } else {
+        yaml_documents(text)?
+    };
+    let mut objs = Vec::new();
+    let mut notes = Vec::new();
+    for (i, (line, doc)) in docs.into_iter().enumerate() {
+        if doc.is_null() {
+            continue;
+        }
+        let where_ = format!("document {} (line {line})", i + 1);
+        collect(doc, &where_, &mut objs, &mut notes)?;
+    }
+    Ok((objs, notes))
+}
+
+/// The documents of a JSON file (one value, or several in a row as kubectl accepts), each
+/// with the line it starts on.
+fn json_documents(text: &str) -> Result<Vec<(usize, Value)>, String> {
+    let mut docs = Vec::new();
+    let mut stream = serde_json::Deserializer::from_str(text).into_iter::<Value>();
+    loop {
+        let offset = stream.byte_offset();
+        let Some(next) = stream.next() else {
+            return Ok(docs);
+        };
+        let doc = next.map_err(|e| {
             format!(
                 "invalid JSON at line {} column {}: {e}",
                 e.line(),
                 e.column()
             )
         })?;
-        vec![v]
-    } else {
-        serde_saphyr::from_multiple::<Value>(text).map_err(|e| yaml_error(&e))?
-    };
-    let mut objs = Vec::new();
-    let mut notes = Vec::new();
-    for (i, doc) in docs.into_iter().enumerate() {
-        if doc.is_null() {
-            continue;
-        }
-        let where_ = format!("document {}", i + 1);
-        collect(doc, &where_, &mut objs, &mut notes)?;
+        let start = offset + (text[offset..].len() - text[offset..].trim_start().len());
+        docs.push((line_of(text, start), doc));
     }
-    Ok((objs, notes))
 }
 
-fn yaml_error(e: &serde_saphyr::Error) -> String {
-    let first = e.to_string().lines().next().unwrap_or_default().to_owned();
+/// 1-based line number of byte `offset` in `text`.
+fn line_of(text: &str, offset: usize) -> usize {
+    text.as_bytes()[..offset.min(text.len())]
+        .iter()
+        .filter(|b| **b == b'\n')
+        .count()
+        + 1
+}
+
+/// The non-empty documents of a YAML file, each with the line it starts on.
+///
+/// The file is split at document markers (`---`, `...` at the start of a line) and each
+/// document parsed on its own, so that errors carry the file's line numbers and a
+/// document's index counts empty documents too. YAML forbids these markers at the start of
+/// a line inside any scalar, so the split is exact.
+fn yaml_documents(text: &str) -> Result<Vec<(usize, Value)>, String> {
+    let mut chunks: Vec<(usize, String)> = vec![(1, String::new())];
+    for (i, line) in text.lines().enumerate() {
+        let marker = |m: &str| {
+            line.strip_prefix(m)
+                .filter(|rest| rest.is_empty() || rest.starts_with([' ', '\t']))
+        };
+        if let Some(rest) = marker("---") {
+            // Content may follow the marker on the same line (`--- !tag` or a flow
+            // value); blanking the marker keeps its columns.
+            chunks.push((i + 1, format!("   {rest}\n")));
+        } else if marker("...").is_some() {
+            chunks.push((i + 2, String::new()));
+        } else if let Some((_, chunk)) = chunks.last_mut() {
+            chunk.push_str(line);
+            chunk.push('\n');
+        }
+    }
+    let mut docs = Vec::new();
+    for (start, chunk) in chunks {
+        let blank = chunk.lines().all(|l| {
+            let l = l.trim_start();
+            l.is_empty() || l.starts_with('#') || l.starts_with('%')
+        });
+        if blank {
+            continue;
+        }
+        let doc: Value = serde_saphyr::from_str(&chunk).map_err(|e| yaml_error(&e, start))?;
+        docs.push((start, doc));
+    }
+    Ok(docs)
+}
+
+/// A YAML error with its position in the file (`start` is the document's first line).
+fn yaml_error(e: &serde_saphyr::Error, start: usize) -> String {
+    let text = e.to_string();
+    let first = text.lines().next().unwrap_or_default();
     match e.location() {
         Some(loc) => format!(
             "invalid YAML at line {} column {}: {first}",
-            loc.line(),
+            start as u64 + loc.line() - 1,
             loc.column()
         ),
-        None => format!("invalid YAML: {first}"),
+        None => format!("invalid YAML in the document at line {start}: {first}"),
     }
 }
 
+/// Turns one document (or the items of a `List`) into objects.
 fn collect(
-    doc: Value,
+    mut doc: Value,
     where_: &str,
     objs: &mut Vec<(ObjectRef, Obj)>,
     notes: &mut Vec<String>,
 ) -> Result<(), String> {
-    let api_version = doc
-        .get("apiVersion")
-        .and_then(Value::as_str)
-        .unwrap_or_default()
-        .to_owned();
-    let kind = doc
-        .get("kind")
-        .and_then(Value::as_str)
-        .unwrap_or_default()
-        .to_owned();
+    let field = |doc: &Value, name: &str| {
+        doc.get(name)
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let (api_version, kind) = (field(&doc, "apiVersion"), field(&doc, "kind"));
     if kind.is_empty() || api_version.is_empty() {
         return Err(format!("{where_}: apiVersion and kind are required"));
     }
-    if kind == "List" || kind.ends_with("List") && doc.get("items").is_some() {
-        let Some(Value::Array(items)) = doc.get("items").cloned() else {
+    if kind == "List" || (kind.ends_with("List") && doc.get("items").is_some()) {
+        let Some(Value::Array(items)) = doc.get_mut("items").map(Value::take) else {
             return Err(format!("{where_}: {kind} without items"));
         };
         for (j, item) in items.into_iter().enumerate() {
@@ -287,6 +393,9 @@ fn collect(
         .and_then(Value::as_str)
         .unwrap_or_default()
         .to_owned();
+    if name.is_empty() {
+        return Err(format!("{where_}: {kind} has no metadata.name"));
+    }
     let namespace = doc
         .pointer("/metadata/namespace")
         .and_then(Value::as_str)
@@ -294,26 +403,33 @@ fn collect(
         .unwrap_or("default")
         .to_owned();
     let r = ObjectRef::new(&kind, &namespace, &name);
-    if name.is_empty() {
-        return Err(format!("{where_}: {kind} has no metadata.name"));
+    // As kubectl does: an object without a namespace goes to `default`. Set it before
+    // deserializing so that the typed object says where it lives.
+    if let Some(meta) = doc.get_mut("metadata").and_then(Value::as_object_mut) {
+        meta.insert("namespace".to_owned(), Value::String(namespace.clone()));
     }
-    let bad = |e: serde_json::Error| format!("{where_} ({r}): {e}");
+    let bad = |e: serde_json::Error| format!("{where_}: {r}: {e}");
     let obj = match (api_version.as_str(), kind.as_str()) {
-        ("v1", "Service") => Obj::Service(Box::new(with_namespace(
-            serde_json::from_value(doc).map_err(bad)?,
-            &namespace,
-        ))),
-        ("discovery.k8s.io/v1", "EndpointSlice") => Obj::Slice(Box::new(with_namespace(
-            serde_json::from_value(doc).map_err(bad)?,
-            &namespace,
-        ))),
-        ("v1", "Endpoints") => Obj::Endpoints(Box::new(with_namespace(
-            serde_json::from_value(doc).map_err(bad)?,
-            &namespace,
-        ))),
+        ("v1", "Service") => Obj::Service(serde_json::from_value(doc).map_err(bad)?),
+        ("discovery.k8s.io/v1", "EndpointSlice") => {
+            let slice: Box<EndpointSlice> = serde_json::from_value(doc).map_err(bad)?;
+            let owned = slice
+                .metadata
+                .labels
+                .as_ref()
+                .is_some_and(|l| l.contains_key(LABEL_SERVICE_NAME));
+            if !owned {
+                notes.push(format!(
+                    "{where_}: {r} has no {LABEL_SERVICE_NAME} label, so it belongs to no \
+                     Service"
+                ));
+            }
+            Obj::Slice(slice)
+        }
+        ("v1", "Endpoints") => Obj::Endpoints(serde_json::from_value(doc).map_err(bad)?),
         _ => {
             notes.push(format!(
-                "{where_}: {api_version} {kind} {namespace}/{name} is not used by lb-agent; skipped"
+                "{where_}: {api_version} {r} is not used by lb-agent; skipped"
             ));
             return Ok(());
         }
@@ -322,25 +438,43 @@ fn collect(
     Ok(())
 }
 
-/// Objects whose namespace is set to `namespace` when missing.
-trait HasNamespace {
-    fn set_namespace(&mut self, ns: &str);
-}
-
-macro_rules! has_namespace {
-    ($($t:ty),*) => {$(
-        impl HasNamespace for $t {
-            fn set_namespace(&mut self, ns: &str) {
-                self.metadata.namespace = Some(ns.to_owned());
+/// Follows `dir`: rescans it every `interval` and sends every scan that changed. Returns
+/// once every receiver is gone.
+///
+/// The caller usually takes a first scan with [`ManifestDir::scan`] before (to program the
+/// maps before anything else starts) and seeds the channel with it; this loop then only
+/// sends changes. If the directory becomes unreadable, the last objects stay in force and
+/// the error is logged once.
+pub async fn watch(mut dir: ManifestDir, interval: Duration, tx: tokio::sync::watch::Sender<Scan>) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_error: Option<String> = None;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = tx.closed() => return,
+        }
+        // Reading a directory of small files is quick; it is not worth a blocking thread.
+        match dir.rescan() {
+            Ok(changed) => {
+                if last_error.take().is_some() {
+                    tracing::info!(dir = %dir.path.display(), "manifests directory readable again");
+                }
+                if let Some(scan) = changed
+                    && tx.send(scan).is_err()
+                {
+                    return;
+                }
+            }
+            Err(e) => {
+                let text = e.to_string();
+                if last_error.as_ref() != Some(&text) {
+                    tracing::warn!("{text}; keeping the objects read before");
+                    last_error = Some(text);
+                }
             }
         }
-    )*};
-}
-has_namespace!(Service, EndpointSlice, Endpoints);
-
-fn with_namespace<T: HasNamespace>(mut obj: T, ns: &str) -> T {
-    obj.set_namespace(ns);
-    obj
+    }
 }
 
 #[cfg(test)]

@@ -24,7 +24,7 @@ use std::{
 };
 
 use k8s_openapi::api::{
-    core::v1::{Endpoints, Service},
+    core::v1::{Endpoints, Service, ServiceSpec},
     discovery::v1::EndpointSlice,
 };
 use lb_common::proto;
@@ -254,33 +254,36 @@ pub fn desired_state(objects: &Objects) -> Desired {
             continue;
         }
         let mut addrs = Vec::new();
+        let mut v6 = Vec::new();
         for ip in &ips {
             match ip.parse::<IpAddr>() {
                 Ok(IpAddr::V4(v4)) => addrs.push(v4),
-                Ok(IpAddr::V6(_)) => {
-                    problems.insert(Problem::new(
-                        owner.clone(),
-                        format!("ClusterIP {ip} is IPv6, which is not supported yet; skipped"),
-                    ));
-                }
+                Ok(IpAddr::V6(_)) => v6.push(ip.as_str()),
                 Err(_) => {
                     problems.insert(Problem::new(
                         owner.clone(),
-                        format!("clusterIP {ip:?} is not a valid IP address"),
+                        format!("clusterIP {ip:?} is not a valid IP address; skipped"),
                     ));
                 }
             }
+        }
+        if !v6.is_empty() {
+            // One note per Service: a dual-stack Service still works over IPv4.
+            problems.insert(Problem::new(
+                owner.clone(),
+                format!(
+                    "IPv6 is not supported yet; ClusterIP {} skipped",
+                    v6.join(", ")
+                ),
+            ));
         }
         if addrs.is_empty() {
             continue;
         }
-        let affinity = match affinity_timeout(svc) {
-            Ok(a) => a,
-            Err(reason) => {
-                problems.insert(Problem::new(owner.clone(), reason));
-                Some(DEFAULT_AFFINITY_TIMEOUT_S)
-            }
-        };
+        let (affinity, affinity_problem) = affinity_timeout(spec);
+        if let Some(reason) = affinity_problem {
+            problems.insert(Problem::new(owner.clone(), reason));
+        }
         let endpoints = endpoints_of(objects, ns, name, slices_by_service.get(&(ns, name)));
         for port in spec.ports.iter().flatten() {
             let port_name = port.name.clone().unwrap_or_default();
@@ -359,7 +362,8 @@ pub fn desired_state(objects: &Objects) -> Desired {
     }
 }
 
-fn cluster_ips(spec: &k8s_openapi::api::core::v1::ServiceSpec) -> Vec<String> {
+/// `spec.clusterIPs`, or `spec.clusterIP` when the list is absent (older objects).
+fn cluster_ips(spec: &ServiceSpec) -> Vec<String> {
     match (&spec.cluster_ips, &spec.cluster_ip) {
         (Some(ips), _) if !ips.is_empty() => ips.clone(),
         (_, Some(ip)) if !ip.is_empty() => vec![ip.clone()],
@@ -367,25 +371,30 @@ fn cluster_ips(spec: &k8s_openapi::api::core::v1::ServiceSpec) -> Vec<String> {
     }
 }
 
-fn affinity_timeout(svc: &Service) -> Result<Option<u32>, String> {
-    let Some(spec) = svc.spec.as_ref() else {
-        return Ok(None);
-    };
+/// The `sessionAffinity: ClientIP` timeout, clamped to what the API accepts, and a note
+/// when it had to be clamped (a hand-written manifest is not validated by an apiserver).
+fn affinity_timeout(spec: &ServiceSpec) -> (Option<u32>, Option<String>) {
     if spec.session_affinity.as_deref() != Some("ClientIP") {
-        return Ok(None);
+        return (None, None);
     }
     let timeout = spec
         .session_affinity_config
         .as_ref()
         .and_then(|c| c.client_ip.as_ref())
         .and_then(|c| c.timeout_seconds);
-    match timeout {
-        None => Ok(Some(DEFAULT_AFFINITY_TIMEOUT_S)),
-        Some(t) if t >= 1 && t as u32 <= MAX_AFFINITY_TIMEOUT_S => Ok(Some(t as u32)),
-        Some(t) => Err(format!(
-            "sessionAffinityConfig.clientIP.timeoutSeconds {t} is outside 1..={MAX_AFFINITY_TIMEOUT_S}; using {DEFAULT_AFFINITY_TIMEOUT_S}"
-        )),
-    }
+    let Some(t) = timeout else {
+        return (Some(DEFAULT_AFFINITY_TIMEOUT_S), None);
+    };
+    let clamped = u32::try_from(t)
+        .unwrap_or(0)
+        .clamp(1, MAX_AFFINITY_TIMEOUT_S);
+    let problem = (i64::from(t) != i64::from(clamped)).then(|| {
+        format!(
+            "sessionAffinityConfig.clientIP.timeoutSeconds {t} is outside \
+             1..={MAX_AFFINITY_TIMEOUT_S}; using {clamped}"
+        )
+    });
+    (Some(clamped), problem)
 }
 
 /// Slices by the (namespace, name) of the Service they belong to, skipping the ones
@@ -439,7 +448,8 @@ fn endpoints_of(
                     else {
                         continue;
                     };
-                    let Ok(number) = u16::try_from(number) else {
+                    // kube-proxy ignores a slice port without a usable number.
+                    let Some(number) = u16::try_from(number).ok().filter(|n| *n != 0) else {
                         continue;
                     };
                     let entry = out
@@ -448,7 +458,10 @@ fn endpoints_of(
                     for ep in &slice.endpoints {
                         let c = ep.conditions.as_ref();
                         let ready = c.and_then(|c| c.ready).unwrap_or(true);
-                        // As kube-proxy reads them: an absent `serving` counts as true.
+                        // As kube-proxy reads them, and as the API documents: an absent
+                        // `serving` counts as true (not as `ready`), so a terminating
+                        // endpoint without conditions other than `ready: false` still
+                        // serves in the KEP-1669 fallback.
                         let serving = c.and_then(|c| c.serving).unwrap_or(true);
                         let terminating = c.and_then(|c| c.terminating).unwrap_or(false);
                         // kube-proxy uses the first address of each endpoint.
@@ -475,7 +488,7 @@ fn endpoints_of(
                     let Some(proto) = parse_protocol(port.protocol.as_deref()) else {
                         continue;
                     };
-                    let Ok(number) = u16::try_from(port.port) else {
+                    let Some(number) = u16::try_from(port.port).ok().filter(|n| *n != 0) else {
                         continue;
                     };
                     let entry = out
@@ -595,6 +608,11 @@ pub mod fixtures {
             self.spec().cluster_ips = Some(vec![ip.to_owned()]);
             self
         }
+        /// Sets `clusterIP` only (objects written before dual-stack).
+        pub fn cluster_ip_only(mut self, ip: &str) -> Self {
+            self.spec().cluster_ip = Some(ip.to_owned());
+            self
+        }
         /// Sets `clusterIPs` only.
         pub fn cluster_ips(mut self, ips: &[&str]) -> Self {
             self.spec().cluster_ips = Some(ips.iter().map(|s| (*s).to_owned()).collect());
@@ -695,6 +713,24 @@ pub mod fixtures {
                     name: (!name.is_empty()).then(|| name.to_owned()),
                     port: Some(port),
                     protocol: Some(proto.to_owned()),
+                    app_protocol: None,
+                });
+            self
+        }
+        /// Adds a port with every field as given (`None`: absent).
+        pub fn raw_port(
+            mut self,
+            name: Option<&str>,
+            port: Option<i32>,
+            proto: Option<&str>,
+        ) -> Self {
+            self.0
+                .ports
+                .get_or_insert_with(Vec::new)
+                .push(EndpointPort {
+                    name: name.map(str::to_owned),
+                    port,
+                    protocol: proto.map(str::to_owned),
                     app_protocol: None,
                 });
             self
@@ -1130,6 +1166,210 @@ mod tests {
     }
 
     #[test]
+    fn slices_labelled_for_another_proxy_are_ignored() {
+        let w = web().slice(
+            slice("default", "web-p", "web")
+                .label(LABEL_SERVICE_PROXY_NAME, "other")
+                .ready("10.9.0.1")
+                .port("http", 8080, "TCP"),
+        );
+        let d = desired_state(&w.0);
+        assert_eq!(
+            d.services[&fe("10.96.0.10", 80, Protocol::Tcp)].active,
+            vec![b("10.0.0.1", 8080), b("10.0.0.2", 8080)]
+        );
+    }
+
+    #[test]
+    fn unnamed_ports_match_absent_or_empty_names_and_protocol_must_match() {
+        let w = World::default()
+            .svc(
+                svc("default", "web")
+                    .cluster_ip("10.96.0.10")
+                    .port("", 80, "TCP", "8080"),
+            )
+            .slice(slice("default", "web-1", "web").ready("10.0.0.1").raw_port(
+                Some(""),
+                Some(8080),
+                None,
+            ))
+            .slice(slice("default", "web-2", "web").ready("10.0.0.2").raw_port(
+                None,
+                Some(8080),
+                Some("TCP"),
+            ))
+            .slice(
+                slice("default", "web-3", "web")
+                    .ready("10.0.0.3")
+                    .raw_port(None, Some(8080), Some("UDP"))
+                    .raw_port(Some("http"), Some(8080), Some("TCP"))
+                    .raw_port(None, Some(0), None)
+                    .raw_port(None, None, None),
+            );
+        let d = desired_state(&w.0);
+        assert_eq!(
+            d.services[&fe("10.96.0.10", 80, Protocol::Tcp)].active,
+            vec![b("10.0.0.1", 8080), b("10.0.0.2", 8080)]
+        );
+    }
+
+    #[test]
+    fn port_name_mismatch_leaves_the_frontend_without_endpoints() {
+        let w = World::default()
+            .svc(
+                svc("default", "web")
+                    .cluster_ip("10.96.0.10")
+                    .port("http", 80, "TCP", "http"),
+            )
+            .slice(
+                slice("default", "web-1", "web")
+                    .ready("10.0.0.1")
+                    .port("web", 8080, "TCP"),
+            );
+        let d = desired_state(&w.0);
+        let s = &d.services[&fe("10.96.0.10", 80, Protocol::Tcp)];
+        assert!(s.active.is_empty() && s.terminating.is_empty());
+        assert_eq!(s.port_name, "http");
+    }
+
+    #[test]
+    fn an_endpoint_in_two_slices_counts_with_its_best_conditions() {
+        let w = World::default()
+            .svc(
+                svc("default", "web")
+                    .cluster_ip("10.96.0.10")
+                    .port("", 80, "TCP", "80"),
+            )
+            .slice(
+                slice("default", "web-1", "web")
+                    .endpoint_with("10.0.0.1", Some(false), Some(false), Some(true))
+                    .port("", 80, "TCP"),
+            )
+            .slice(
+                slice("default", "web-2", "web")
+                    .ready("10.0.0.1")
+                    .port("", 80, "TCP"),
+            );
+        let d = desired_state(&w.0);
+        let s = &d.services[&fe("10.96.0.10", 80, Protocol::Tcp)];
+        assert_eq!(s.active, vec![b("10.0.0.1", 80)]);
+        assert!(s.terminating.is_empty());
+    }
+
+    #[test]
+    fn absent_serving_counts_as_true_like_kube_proxy() {
+        let w = World::default()
+            .svc(
+                svc("default", "web")
+                    .cluster_ip("10.96.0.10")
+                    .port("", 80, "TCP", "80"),
+            )
+            .slice(
+                slice("default", "web-1", "web")
+                    .endpoint_with("10.0.0.1", Some(false), None, Some(true))
+                    .endpoint_with("10.0.0.2", Some(false), None, None)
+                    .port("", 80, "TCP"),
+            );
+        let d = desired_state(&w.0);
+        let s = &d.services[&fe("10.96.0.10", 80, Protocol::Tcp)];
+        assert_eq!(
+            s.active,
+            vec![b("10.0.0.1", 80)],
+            "serving-terminating fallback"
+        );
+        assert_eq!(s.terminating, vec![b("10.0.0.2", 80)]);
+    }
+
+    #[test]
+    fn endpoints_of_other_namespaces_are_not_used() {
+        let w = World::default()
+            .svc(
+                svc("default", "ext")
+                    .cluster_ip("10.96.0.30")
+                    .port("", 5432, "TCP", "5432"),
+            )
+            .endpoints(endpoints(
+                "other",
+                "ext",
+                &["192.168.1.10"],
+                &[],
+                &[("", 5432, "TCP")],
+            ));
+        let d = desired_state(&w.0);
+        assert!(
+            d.services[&fe("10.96.0.30", 5432, Protocol::Tcp)]
+                .active
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn cluster_ip_is_used_when_cluster_ips_is_absent() {
+        let w = World::default().svc(
+            svc("default", "old")
+                .cluster_ip_only("10.96.0.60")
+                .port("", 80, "UDP", "80"),
+        );
+        let d = desired_state(&w.0);
+        assert!(
+            d.services
+                .contains_key(&fe("10.96.0.60", 80, Protocol::Udp))
+        );
+        assert!(d.problems.is_empty());
+    }
+
+    #[test]
+    fn ipv6_is_reported_once_per_service() {
+        let w = World::default().svc(
+            svc("default", "v6")
+                .cluster_ips(&["fd00::10", "fd00::11"])
+                .port("a", 80, "TCP", "80")
+                .port("b", 81, "TCP", "81"),
+        );
+        let d = desired_state(&w.0);
+        assert!(d.services.is_empty());
+        assert_eq!(
+            d.problems
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>(),
+            ["Service default/v6: IPv6 is not supported yet; ClusterIP fd00::10, fd00::11 skipped"]
+        );
+    }
+
+    #[test]
+    fn a_port_repeated_within_a_service_keeps_the_first() {
+        let w = World::default()
+            .svc(
+                svc("default", "dup")
+                    .cluster_ip("10.96.0.10")
+                    .port("a", 80, "TCP", "8080")
+                    .port("b", 80, "TCP", "9090"),
+            )
+            .slice(
+                slice("default", "dup-1", "dup")
+                    .ready("10.0.0.1")
+                    .port("a", 8080, "TCP")
+                    .port("b", 9090, "TCP"),
+            );
+        let d = desired_state(&w.0);
+        let s = &d.services[&fe("10.96.0.10", 80, Protocol::Tcp)];
+        assert_eq!(
+            (s.port_name.as_str(), s.active.clone()),
+            ("a", vec![b("10.0.0.1", 8080)])
+        );
+        assert_eq!(
+            d.problems
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>(),
+            [
+                "Service default/dup: 10.96.0.10:80/TCP is defined twice in this Service; the second is ignored"
+            ]
+        );
+    }
+
+    #[test]
     fn session_affinity_timeouts() {
         let base = |t| {
             World::default().svc(
@@ -1139,23 +1379,42 @@ mod tests {
                     .affinity(t),
             )
         };
-        let get = |w: World| desired_state(&w.0);
-        let d = get(base(None));
+        let timeout = |t| {
+            let d = desired_state(&base(t).0);
+            let problems: Vec<String> = d.problems.iter().map(ToString::to_string).collect();
+            (
+                d.services.values().next().unwrap().affinity_timeout_s,
+                problems,
+            )
+        };
+        assert_eq!(timeout(None), (Some(10_800), vec![]));
+        assert_eq!(timeout(Some(60)), (Some(60), vec![]));
+        assert_eq!(timeout(Some(86_400)), (Some(86_400), vec![]));
+        let (t, p) = timeout(Some(0));
+        assert_eq!(t, Some(1));
         assert_eq!(
-            d.services.values().next().unwrap().affinity_timeout_s,
-            Some(10_800)
+            p,
+            [
+                "Service default/s: sessionAffinityConfig.clientIP.timeoutSeconds 0 is outside 1..=86400; using 1"
+            ]
         );
-        let d = get(base(Some(60)));
+        assert_eq!(timeout(Some(100_000)).0, Some(86_400));
+        assert_eq!(timeout(Some(-5)).0, Some(1));
+
+        // Without `sessionAffinity: ClientIP`, no affinity whatever the config says.
+        let mut w = base(Some(60));
+        for s in w.0.services.values_mut() {
+            s.spec.as_mut().unwrap().session_affinity = Some("None".into());
+        }
         assert_eq!(
-            d.services.values().next().unwrap().affinity_timeout_s,
-            Some(60)
+            desired_state(&w.0)
+                .services
+                .values()
+                .next()
+                .unwrap()
+                .affinity_timeout_s,
+            None
         );
-        let d = get(base(Some(0)));
-        assert_eq!(
-            d.services.values().next().unwrap().affinity_timeout_s,
-            Some(10_800)
-        );
-        assert_eq!(d.problems.len(), 1);
     }
 
     #[test]

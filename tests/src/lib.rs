@@ -24,10 +24,15 @@ pub fn wait_until(what: &str, timeout: Duration, mut pred: impl FnMut() -> bool)
     }
 }
 
+/// Whether this process runs as root.
+pub fn is_root() -> bool {
+    // SAFETY: no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
 /// Panics unless running as root (the tests create namespaces and load BPF programs).
 pub fn require_root() {
-    // SAFETY: no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
+    if !is_root() {
         panic!("the end-to-end tests need root: run them with `cargo xtask test` as root");
     }
 }
