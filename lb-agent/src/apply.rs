@@ -261,19 +261,28 @@ impl<M: ServiceMaps> Writer<'_, M> {
 
     /// Runs `steps` in order. On a failure, undoes the steps already done in reverse order
     /// and returns the error, plus the error of the undo if that failed too.
-    fn run(&mut self, steps: &[Step]) -> Result<(), (MapError, Option<MapError>)> {
+    fn run(&mut self, steps: &[Step]) -> Result<(), Box<RunError>> {
         for (done, step) in steps.iter().enumerate() {
-            if let Err(e) = self.apply(&step.op) {
+            if let Err(error) = self.apply(&step.op) {
                 for s in steps[..done].iter().rev() {
                     if let Err(undo) = self.apply(&s.undo) {
-                        return Err((e, Some(undo)));
+                        return Err(Box::new(RunError {
+                            error,
+                            undo: Some(undo),
+                        }));
                     }
                 }
-                return Err((e, None));
+                return Err(Box::new(RunError { error, undo: None }));
             }
         }
         Ok(())
     }
+}
+
+/// A failed write, and the failed undo if the earlier writes could not all be undone.
+struct RunError {
+    error: MapError,
+    undo: Option<MapError>,
 }
 
 /// What happened to a frontend whose update failed.
@@ -507,7 +516,11 @@ impl Applier {
         target.owner = owner.clone();
 
         let steps = transition(fe, &old, &target);
-        if let Err((e, undo_err)) = w.run(&steps) {
+        if let Err(failure) = w.run(&steps) {
+            let RunError {
+                error: e,
+                undo: undo_err,
+            } = *failure;
             // The maps hold `old` again: give back the ids taken for `target`. If the undo
             // failed, the maps may still name them; they stay taken until the resync
             // reads the maps back.

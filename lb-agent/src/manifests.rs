@@ -351,7 +351,17 @@ fn yaml_documents(text: &str) -> Result<Vec<(usize, Value)>, String> {
 /// A YAML error with its position in the file (`start` is the document's first line).
 fn yaml_error(e: &serde_saphyr::Error, start: usize) -> String {
     let text = e.to_string();
-    let first = text.lines().next().unwrap_or_default();
+    // The message repeats the position relative to the document; the file's is below.
+    let mut first = text.lines().next().unwrap_or_default();
+    first = first.strip_prefix("error: ").unwrap_or(first);
+    if let Some(rest) = first.strip_prefix("line ")
+        && let Some((_, after)) = rest.split_once(": ")
+        && rest
+            .split_once(": ")
+            .is_some_and(|(pos, _)| pos.contains(" column "))
+    {
+        first = after;
+    }
     match e.location() {
         Some(loc) => format!(
             "invalid YAML at line {} column {}: {first}",
@@ -479,36 +489,41 @@ pub async fn watch(mut dir: ManifestDir, interval: Duration, tx: tokio::sync::wa
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::atomic::{AtomicU64, Ordering};
 
     use super::*;
 
+    /// A directory under the system temp dir, removed on drop.
     struct TempDir(PathBuf);
+
+    /// Distinct, increasing modification times for every write of every test, so that a
+    /// rewrite is always seen whatever the filesystem's timestamp granularity.
+    static TICK: AtomicU64 = AtomicU64::new(1);
 
     impl TempDir {
         fn new() -> Self {
-            static N: AtomicU32 = AtomicU32::new(0);
             let p = std::env::temp_dir().join(format!(
                 "lb-manifests-test-{}-{}",
                 std::process::id(),
-                N.fetch_add(1, Ordering::Relaxed)
+                TICK.fetch_add(1, Ordering::Relaxed)
             ));
             fs::create_dir_all(&p).unwrap();
             Self(p)
         }
+
         fn write(&self, name: &str, text: &str) {
-            // A new length or content is what the scan looks for; mtime granularity may
-            // hide two writes within one tick, which content comparison does not care about.
             let path = self.0.join(name);
             fs::write(&path, text).unwrap();
-            let t = SystemTime::now()
-                + std::time::Duration::from_secs(N.fetch_add(1, Ordering::Relaxed).into());
+            let t = SystemTime::UNIX_EPOCH
+                + Duration::from_secs(1_000_000 + TICK.fetch_add(1, Ordering::Relaxed));
             let f = fs::File::options().write(true).open(&path).unwrap();
             f.set_modified(t).unwrap();
         }
-    }
 
-    static N: AtomicU32 = AtomicU32::new(1);
+        fn open(&self) -> ManifestDir {
+            ManifestDir::open(&self.0).unwrap()
+        }
+    }
 
     impl Drop for TempDir {
         fn drop(&mut self) {
@@ -543,43 +558,41 @@ ports:
 ";
 
     fn names(scan: &Scan) -> Vec<String> {
-        let mut v: Vec<String> = scan
-            .objects
+        let o = &scan.objects;
+        let mut v: Vec<String> = o
             .services
             .keys()
             .map(|(n, s)| format!("svc {n}/{s}"))
             .collect();
         v.extend(
-            scan.objects
-                .endpoint_slices
+            o.endpoint_slices
                 .keys()
                 .map(|(n, s)| format!("slice {n}/{s}")),
         );
-        v.extend(
-            scan.objects
-                .endpoints
-                .keys()
-                .map(|(n, s)| format!("ep {n}/{s}")),
-        );
+        v.extend(o.endpoints.keys().map(|(n, s)| format!("ep {n}/{s}")));
         v
+    }
+
+    fn problems(scan: &Scan) -> Vec<String> {
+        scan.problems.iter().map(ToString::to_string).collect()
     }
 
     #[test]
     fn multi_document_yaml_and_default_namespace() {
         let d = TempDir::new();
-        d.write("web.yaml", &format!("{SVC}---\n{SLICE}"));
-        let mut m = ManifestDir::open(&d.0).unwrap();
+        d.write("web.yaml", &format!("# web\n---\n{SVC}---\n{SLICE}...\n"));
+        let mut m = d.open();
         let scan = m.rescan().unwrap().unwrap();
         assert_eq!(names(&scan), ["svc default/web", "slice default/web-1"]);
         assert!(scan.problems.is_empty(), "{:?}", scan.problems);
-        assert_eq!(
-            scan.objects.services[&("default".into(), "web".into())]
-                .metadata
-                .namespace
-                .as_deref(),
-            Some("default")
-        );
+        let svc = &scan.objects.services[&("default".into(), "web".into())];
+        assert_eq!(svc.metadata.namespace.as_deref(), Some("default"));
         assert!(m.rescan().unwrap().is_none(), "nothing changed");
+        assert_eq!(
+            m.scan().unwrap(),
+            scan,
+            "scan() returns the current state anyway"
+        );
     }
 
     #[test]
@@ -593,28 +606,79 @@ ports:
             "svc.json",
             r#"{"apiVersion":"v1","kind":"Service","metadata":{"name":"ext","namespace":"db"},"spec":{"clusterIP":"10.96.0.30","ports":[{"port":5432}]}}"#,
         );
-        let mut m = ManifestDir::open(&d.0).unwrap();
-        let scan = m.rescan().unwrap().unwrap();
-        assert_eq!(names(&scan), ["svc db/ext", "ep db/ext"]);
+        d.write(
+            "slices.json",
+            r#"{"apiVersion":"discovery.k8s.io/v1","kind":"EndpointSliceList","items":[
+                {"apiVersion":"discovery.k8s.io/v1","kind":"EndpointSlice","metadata":{"name":"a","labels":{"kubernetes.io/service-name":"web"}},"addressType":"IPv4","endpoints":[]}]}
+               {"apiVersion":"discovery.k8s.io/v1","kind":"EndpointSlice","metadata":{"name":"b","labels":{"kubernetes.io/service-name":"web"}},"addressType":"IPv4","endpoints":[]}"#,
+        );
+        let scan = d.open().rescan().unwrap().unwrap();
+        assert_eq!(
+            names(&scan),
+            [
+                "svc db/ext",
+                "slice default/a",
+                "slice default/b",
+                "ep db/ext"
+            ]
+        );
+        assert!(scan.problems.is_empty(), "{:?}", scan.problems);
     }
 
     #[test]
-    fn unknown_kinds_are_noted_and_skipped() {
+    fn unknown_kinds_are_reported_once_and_skipped() {
         let d = TempDir::new();
         d.write(
             "mixed.yaml",
             &format!("apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: web}}\n---\n{SVC}"),
         );
-        let mut m = ManifestDir::open(&d.0).unwrap();
+        let mut m = d.open();
         let scan = m.rescan().unwrap().unwrap();
         assert_eq!(names(&scan), ["svc default/web"]);
-        assert_eq!(scan.problems.len(), 1);
-        let p = scan.problems[0].to_string();
+        let file = d.0.join("mixed.yaml");
+        assert_eq!(
+            problems(&scan),
+            [format!(
+                "File {}: document 1 (line 1): apps/v1 Deployment default/web is not used by \
+                 lb-agent; skipped",
+                file.display()
+            )]
+        );
+        assert!(m.rescan().unwrap().is_none(), "not reported again");
+    }
+
+    #[test]
+    fn errors_name_the_file_document_line_and_object() {
+        let d = TempDir::new();
+        d.write(
+            "web.yaml",
+            &format!(
+                "# comment\n---\n---\n{SVC}---\n{}",
+                SLICE.replace("port: 8080", "port: http")
+            ),
+        );
+        let scan = d.open().rescan().unwrap().unwrap();
+        let p = problems(&scan);
+        assert_eq!(p.len(), 1);
+        let prefix = format!(
+            "File {}: document 2 (line 14): EndpointSlice default/web-1: invalid type",
+            d.0.join("web.yaml").display()
+        );
+        assert!(p[0].starts_with(&prefix), "{}", p[0]);
+
+        d.write("bad.yaml", &format!("{SVC}---\nkind: [\n"));
+        d.write("bad.json", "{\"apiVersion\": \"v1\",\n \"kind\": }\n");
+        let scan = d.open().rescan().unwrap().unwrap();
+        let p = problems(&scan);
         assert!(
-            p.contains("mixed.yaml")
-                && p.contains("Deployment default/web")
-                && p.contains("skipped"),
-            "{p}"
+            p[0].contains("bad.json: invalid JSON at line 2 column"),
+            "{}",
+            p[0]
+        );
+        assert!(
+            p[1].ends_with("bad.yaml: invalid YAML at line 12 column 7: unclosed bracket '['"),
+            "{}",
+            p[1]
         );
     }
 
@@ -623,7 +687,7 @@ ports:
         let d = TempDir::new();
         d.write("web.yaml", SVC);
         d.write("slice.yaml", SLICE);
-        let mut m = ManifestDir::open(&d.0).unwrap();
+        let mut m = d.open();
         m.rescan().unwrap().unwrap();
         d.write(
             "web.yaml",
@@ -635,18 +699,28 @@ ports:
             ["svc default/web", "slice default/web-1"],
             "last good kept"
         );
-        assert_eq!(scan.problems.len(), 1);
-        let p = scan.problems[0].to_string();
+        let p = problems(&scan);
+        assert_eq!(p.len(), 1);
         assert!(
-            p.contains("web.yaml") && p.contains("invalid YAML at line") && p.contains("last good"),
-            "{p}"
+            p[0].contains("web.yaml: invalid YAML at line")
+                && p[0].ends_with("keeping its last good content (1 objects)"),
+            "{}",
+            p[0]
+        );
+        let svc = &scan.objects.services[&("default".into(), "web".into())];
+        assert_eq!(
+            svc.spec.as_ref().unwrap().cluster_ip.as_deref(),
+            Some("10.96.0.10")
         );
 
-        // A type error names the document and the object.
-        d.write("web.yaml", "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec:\n  ports: [{port: eighty}]\n");
+        // A type error also keeps the last good content.
+        d.write(
+            "web.yaml",
+            "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec:\n  ports: [{port: eighty}]\n",
+        );
         let scan = m.rescan().unwrap().unwrap();
-        let p = scan.problems[0].to_string();
-        assert!(p.contains("document 1 (Service default/web)"), "{p}");
+        assert!(problems(&scan)[0].contains("document 1 (line 1): Service default/web: "));
+        assert_eq!(names(&scan), ["svc default/web", "slice default/web-1"]);
 
         // Fixed again: the problem goes away.
         d.write("web.yaml", SVC);
@@ -658,14 +732,24 @@ ports:
     fn a_file_never_good_contributes_nothing() {
         let d = TempDir::new();
         d.write("bad.yaml", "kind: Service\n");
-        let mut m = ManifestDir::open(&d.0).unwrap();
-        let scan = m.rescan().unwrap().unwrap();
+        let scan = d.open().rescan().unwrap().unwrap();
         assert!(names(&scan).is_empty());
+        let p = problems(&scan);
         assert!(
-            scan.problems[0]
-                .to_string()
-                .contains("apiVersion and kind are required")
+            p[0].ends_with("document 1 (line 1): apiVersion and kind are required"),
+            "{}",
+            p[0]
         );
+    }
+
+    #[test]
+    fn a_rewrite_with_the_same_content_changes_nothing() {
+        let d = TempDir::new();
+        d.write("web.yaml", SVC);
+        let mut m = d.open();
+        m.rescan().unwrap().unwrap();
+        d.write("web.yaml", SVC);
+        assert!(m.rescan().unwrap().is_none());
     }
 
     #[test]
@@ -673,7 +757,7 @@ ports:
         let d = TempDir::new();
         d.write("web.yaml", SVC);
         d.write("slice.yaml", SLICE);
-        let mut m = ManifestDir::open(&d.0).unwrap();
+        let mut m = d.open();
         m.rescan().unwrap().unwrap();
         fs::remove_file(d.0.join("slice.yaml")).unwrap();
         let scan = m.rescan().unwrap().unwrap();
@@ -685,29 +769,90 @@ ports:
         let d = TempDir::new();
         d.write("a.yaml", SVC);
         d.write("b.yaml", &SVC.replace("10.96.0.10", "10.96.0.11"));
-        let mut m = ManifestDir::open(&d.0).unwrap();
+        let mut m = d.open();
         let scan = m.rescan().unwrap().unwrap();
         let svc = &scan.objects.services[&("default".into(), "web".into())];
         assert_eq!(
             svc.spec.as_ref().unwrap().cluster_ip.as_deref(),
             Some("10.96.0.10")
         );
-        assert_eq!(scan.problems.len(), 1);
-        assert!(scan.problems[0].to_string().contains("already defined in"));
+        assert_eq!(
+            problems(&scan),
+            [format!(
+                "File {}: Service default/web is already defined in {}; ignored here",
+                d.0.join("b.yaml").display(),
+                d.0.join("a.yaml").display()
+            )]
+        );
+        // The first file goes: the second one's object takes over.
+        fs::remove_file(d.0.join("a.yaml")).unwrap();
+        let scan = m.rescan().unwrap().unwrap();
+        let svc = &scan.objects.services[&("default".into(), "web".into())];
+        assert_eq!(
+            svc.spec.as_ref().unwrap().cluster_ip.as_deref(),
+            Some("10.96.0.11")
+        );
+        assert!(scan.problems.is_empty());
     }
 
     #[test]
-    fn ignores_other_files_and_reports_missing_directory() {
+    fn slices_without_a_service_are_noted() {
+        let d = TempDir::new();
+        d.write(
+            "slice.yaml",
+            &SLICE.replace("  labels:\n    kubernetes.io/service-name: web\n", ""),
+        );
+        let scan = d.open().rescan().unwrap().unwrap();
+        assert_eq!(names(&scan), ["slice default/web-1"]);
+        assert!(problems(&scan)[0].contains("has no kubernetes.io/service-name label"));
+    }
+
+    #[test]
+    fn ignores_other_files_and_subdirectories() {
         let d = TempDir::new();
         d.write("README.md", "not a manifest");
         d.write(".web.yaml.swp", "junk");
-        let mut m = ManifestDir::open(&d.0).unwrap();
-        let scan = m.rescan().unwrap().unwrap();
+        fs::create_dir(d.0.join("sub.yaml")).unwrap();
+        fs::create_dir(d.0.join("nested")).unwrap();
+        d.write("nested/web.yaml", SVC);
+        let scan = d.open().rescan().unwrap().unwrap();
         assert!(names(&scan).is_empty() && scan.problems.is_empty());
-        let err = ManifestDir::open(Path::new("/nonexistent/lb-manifests")).unwrap_err();
+    }
+
+    #[test]
+    fn missing_directory_is_a_clear_error() {
+        let err = ManifestDir::open("/nonexistent/lb-manifests").unwrap_err();
         assert_eq!(
             err.to_string(),
-            "cannot read manifests directory /nonexistent/lb-manifests: No such file or directory (os error 2)"
+            "cannot read manifests directory /nonexistent/lb-manifests: No such file or directory"
         );
+        let d = TempDir::new();
+        let mut m = d.open();
+        fs::remove_dir(&d.0).unwrap();
+        assert!(m.rescan().is_err());
+    }
+
+    #[tokio::test]
+    async fn watch_sends_changes_until_the_receiver_goes() {
+        let d = TempDir::new();
+        d.write("web.yaml", SVC);
+        let mut dir = d.open();
+        let first = dir.scan().unwrap();
+        let (tx, mut rx) = tokio::sync::watch::channel(first);
+        let task = tokio::spawn(watch(dir, Duration::from_millis(5), tx));
+        d.write("slice.yaml", SLICE);
+        tokio::time::timeout(Duration::from_secs(5), rx.changed())
+            .await
+            .expect("a change within 5 s")
+            .unwrap();
+        assert_eq!(
+            names(&rx.borrow_and_update()),
+            ["svc default/web", "slice default/web-1"]
+        );
+        drop(rx);
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("watch returns once the receiver is gone")
+            .unwrap();
     }
 }

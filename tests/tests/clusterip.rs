@@ -495,8 +495,8 @@ fn established_connection_survives_agent_kill_and_restart() {
         env.agent
             .log()
             .lines()
-            .filter(|l| l.contains(" synced "))
-            .last()
+            .rev()
+            .find(|l| l.contains(" synced "))
             .is_some_and(|l| l.contains("writes=0")),
         "a restarted agent re-adopts the pinned tables without rewriting them"
     );
