@@ -560,6 +560,28 @@ fn map_io(e: aya::maps::MapError) -> io::Error {
     }
 }
 
+/// The result of a map delete, where a key that is already gone counts as success.
+fn removed(
+    result: Result<(), aya::maps::MapError>,
+    map: &'static str,
+    key: impl FnOnce() -> String,
+) -> Result<(), MapError> {
+    match result {
+        Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        Err(aya::maps::MapError::SyscallError(s))
+            if s.io_error.raw_os_error() == Some(libc::ENOENT) =>
+        {
+            Ok(())
+        }
+        Err(e) => Err(MapError {
+            map,
+            op: "remove",
+            key: key(),
+            source: map_io(e),
+        }),
+    }
+}
+
 impl ServiceMaps for BpfMaps {
     fn services(&self) -> Result<Vec<(ServiceKey, ServiceValue)>, MapError> {
         self.services
@@ -595,21 +617,9 @@ impl ServiceMaps for BpfMaps {
     }
 
     fn del_service(&mut self, key: &ServiceKey) -> Result<(), MapError> {
-        match self.services.remove(key) {
-            Ok(()) => Ok(()),
-            Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(aya::maps::MapError::SyscallError(s))
-                if s.io_error.raw_os_error() == Some(libc::ENOENT) =>
-            {
-                Ok(())
-            }
-            Err(e) => Err(MapError {
-                map: map_names::SERVICES,
-                op: "remove",
-                key: format!("{key:?}"),
-                source: map_io(e),
-            }),
-        }
+        removed(self.services.remove(key), map_names::SERVICES, || {
+            format!("{key:?}")
+        })
     }
 
     fn put_backend(&mut self, id: u32, backend: &Backend) -> Result<(), MapError> {
@@ -622,21 +632,9 @@ impl ServiceMaps for BpfMaps {
     }
 
     fn del_backend(&mut self, id: u32) -> Result<(), MapError> {
-        match self.backends.remove(&id) {
-            Ok(()) => Ok(()),
-            Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(aya::maps::MapError::SyscallError(s))
-                if s.io_error.raw_os_error() == Some(libc::ENOENT) =>
-            {
-                Ok(())
-            }
-            Err(e) => Err(MapError {
-                map: map_names::BACKENDS,
-                op: "remove",
-                key: id.to_string(),
-                source: map_io(e),
-            }),
-        }
+        removed(self.backends.remove(&id), map_names::BACKENDS, || {
+            id.to_string()
+        })
     }
 }
 

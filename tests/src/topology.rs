@@ -30,6 +30,7 @@ pub struct Topology {
     pub clients: Vec<Host>,
     /// Pod namespaces (`10.201.N.2`), named pod-1, pod-2, ... by their servers.
     pub pods: Vec<Host>,
+    prefix: String,
     /// The node namespace. Declared last so it is deleted after the hosts.
     pub node: NetNs,
 }
@@ -61,17 +62,26 @@ impl Topology {
         let mut t = Self {
             clients: Vec::new(),
             pods: Vec::new(),
+            prefix: prefix.clone(),
             node,
         };
         for i in 1..=clients {
             let host = t.link(&format!("{prefix}-c{i}"), &format!("lbc{i}"), 200, i);
             t.clients.push(host);
         }
-        for i in 1..=pods {
-            let host = t.link(&format!("{prefix}-p{i}"), &format!("lbp{i}"), 201, i);
-            t.pods.push(host);
+        for _ in 0..pods {
+            t.add_pod();
         }
         t
+    }
+
+    /// Adds one more pod namespace (`10.201.N.2`, node device `lbpN`), as a new pod's veth
+    /// appears on a running node. Returns its index in [`Topology::pods`].
+    pub fn add_pod(&mut self) -> usize {
+        let i = self.pods.len() + 1;
+        let host = self.link(&format!("{}-p{i}", self.prefix), &format!("lbp{i}"), 201, i);
+        self.pods.push(host);
+        i - 1
     }
 
     /// A host namespace linked to the node by a veth pair created directly inside the two

@@ -23,7 +23,7 @@ const TIMEOUT: Duration = Duration::from_secs(3);
 /// Agent first, then servers, then the namespaces: fields drop in declaration order.
 struct Env {
     agent: Agent,
-    _servers: Vec<Server>,
+    servers: Vec<Server>,
     topo: Topology,
 }
 
@@ -42,7 +42,7 @@ fn env(clients: usize, manifests: &[(&str, &str)]) -> Env {
     let agent = Agent::start(&topo.node, manifests);
     Env {
         agent,
-        _servers: srv,
+        servers: srv,
         topo,
     }
 }
@@ -95,6 +95,19 @@ fn web(ips: &[Ipv4Addr]) -> [(String, String); 2] {
         (
             "web-slice.yaml".into(),
             slice("web-1", "web", ips, &[("http", 8080, "TCP")]),
+        ),
+    ]
+}
+
+fn dns(ips: &[Ipv4Addr]) -> [(String, String); 2] {
+    [
+        (
+            "dns.yaml".into(),
+            service("dns", "10.96.0.53", &[("dns", 53, "UDP", "5353")], ""),
+        ),
+        (
+            "dns-slice.yaml".into(),
+            slice("dns-1", "dns", ips, &[("dns", 5353, "UDP")]),
         ),
     ]
 }
@@ -208,16 +221,7 @@ fn client_ip_affinity_keeps_a_client_on_one_pod() {
 
 #[test]
 fn udp_is_balanced_and_replies_come_from_the_cluster_ip() {
-    let files = [
-        (
-            "dns.yaml".to_owned(),
-            service("dns", "10.96.0.53", &[("dns", 53, "UDP", "5353")], ""),
-        ),
-        (
-            "dns-slice.yaml".to_owned(),
-            slice("dns-1", "dns", &all_pods(), &[("dns", 5353, "UDP")]),
-        ),
-    ];
+    let files = dns(&all_pods());
     let env = env(1, &refs(&files));
     let client = &env.topo.clients[0];
     let mut names = Vec::new();
@@ -400,16 +404,7 @@ fn removing_an_endpoint_stops_new_connections_to_it() {
 
 #[test]
 fn udp_flow_moves_off_a_removed_endpoint() {
-    let files = [
-        (
-            "dns.yaml".to_owned(),
-            service("dns", "10.96.0.53", &[("dns", 53, "UDP", "5353")], ""),
-        ),
-        (
-            "dns-slice.yaml".to_owned(),
-            slice("dns-1", "dns", &all_pods(), &[("dns", 5353, "UDP")]),
-        ),
-    ];
+    let files = dns(&all_pods());
     let env = env(1, &refs(&files));
     let client = &env.topo.clients[0];
     let vip = Ipv4Addr::new(10, 96, 0, 53);
@@ -506,4 +501,27 @@ fn established_connection_survives_agent_kill_and_restart() {
     conn.set_nonblocking(true).unwrap();
     let mut buf = [0u8; 1];
     assert!(matches!(conn.read(&mut buf), Err(e) if e.kind() == io::ErrorKind::WouldBlock));
+}
+
+#[test]
+fn devices_that_appear_later_are_attached() {
+    let files = web(&all_pods());
+    let mut env = env(1, &refs(&files));
+    // A new pod starts after the agent: its veth appears on the node, then its endpoint
+    // is published. Traffic must reach it through the datapath on the new device.
+    let idx = env.topo.add_pod();
+    let pod = &env.topo.pods[idx];
+    env.servers.push(servers::tcp(&pod.ns, "pod-new", 8080));
+    let ip = pod.ip;
+    env.agent
+        .change(|a| a.write("web-slice.yaml", &web(&[ip])[1].1));
+    let client = &env.topo.clients[0];
+    wait_until(
+        "the new pod to be reached through the ClusterIP",
+        Duration::from_secs(5),
+        || hello(client, CLUSTER_IP, 80).is_ok_and(|(p, _)| p == "pod-new"),
+    );
+    for _ in 0..10 {
+        assert_eq!(pod_of(client, CLUSTER_IP, 80), "pod-new");
+    }
 }
