@@ -231,9 +231,11 @@ fn expected_layout(name: &str) -> Option<(u32, u32)> {
     Some((sizes.0 as u32, sizes.1 as u32))
 }
 
-/// Pinned maps whose layout differs from this build's (left by an incompatible version)
-/// cannot be reused: they are unpinned, with a warning, and recreated empty.
-fn drop_incompatible_pins(root: &Path) {
+/// Pinned maps whose layout or capacity differs from what this agent loads (left by
+/// another version, or by a run with other `--*-map-size` values) cannot be reused: they
+/// are unpinned, with a warning naming the difference, and recreated empty.
+fn drop_incompatible_pins(root: &Path, sizes: &MapSizes) {
+    let wanted: BTreeMap<&str, u32> = sizes.by_name().into_iter().collect();
     for name in map_names::PINNED {
         let path = root.join(name);
         let Ok(info) = MapInfo::from_pin(&path) else {
@@ -242,19 +244,54 @@ fn drop_incompatible_pins(root: &Path) {
         let Some((k, v)) = expected_layout(name) else {
             continue;
         };
-        if info.key_size() != k || info.value_size() != v {
+        let entries = wanted.get(name).copied().unwrap_or(info.max_entries());
+        if info.key_size() != k || info.value_size() != v || info.max_entries() != entries {
             warn!(
                 map = name,
-                found_key = info.key_size(),
-                found_value = info.value_size(),
-                want_key = k,
-                want_value = v,
-                "pinned map has another layout (older agent version?); recreating it empty"
+                found = %format!("key {} value {} entries {}", info.key_size(), info.value_size(), info.max_entries()),
+                wanted = %format!("key {k} value {v} entries {entries}"),
+                "pinned map differs from this agent's; recreating it empty"
             );
             if let Err(e) = fs::remove_file(&path) {
-                warn!(map = name, error = %e, "cannot remove incompatible pinned map");
+                warn!(map = name, error = %e, "cannot remove the pinned map");
             }
         }
+    }
+}
+
+/// Capacities of the maps (entries).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MapSizes {
+    /// Services map: one entry per frontend, per backend slot and per Service address.
+    pub services: u32,
+    /// Backends map.
+    pub backends: u32,
+    /// Connection tracking: two entries per flow.
+    pub ct: u32,
+    /// Session affinity: one entry per (client, Service) pair.
+    pub affinity: u32,
+}
+
+impl Default for MapSizes {
+    fn default() -> Self {
+        use lb_common::capacity;
+        Self {
+            services: capacity::SERVICES,
+            backends: capacity::BACKENDS,
+            ct: capacity::CT,
+            affinity: capacity::AFFINITY,
+        }
+    }
+}
+
+impl MapSizes {
+    fn by_name(&self) -> [(&'static str, u32); 4] {
+        [
+            (map_names::SERVICES, self.services),
+            (map_names::BACKENDS, self.backends),
+            (map_names::CT, self.ct),
+            (map_names::AFFINITY, self.affinity),
+        ]
     }
 }
 
@@ -275,9 +312,17 @@ impl Datapath {
     /// Loads the programs (from `object`, or the embedded object), reusing maps pinned
     /// under `root` so that services and live flows survive a restart.
     pub fn load(root: &Path, object: Option<&Path>) -> Result<Self> {
-        drop_incompatible_pins(root);
+        Self::load_sized(root, object, &MapSizes::default())
+    }
+
+    /// [`Datapath::load`] with map capacities other than the defaults.
+    pub fn load_sized(root: &Path, object: Option<&Path>, sizes: &MapSizes) -> Result<Self> {
+        drop_incompatible_pins(root, sizes);
         let mut loader = EbpfLoader::new();
         loader.default_map_pin_directory(root);
+        for (name, size) in sizes.by_name() {
+            loader.map_max_entries(name, size);
+        }
         let loaded = match object {
             Some(path) => loader.load_file(path),
             None => loader.load(EMBEDDED_OBJECT.ok_or(DatapathError::NoObject)?),

@@ -6,6 +6,7 @@
 //! [`maps::ServiceMaps`] seam, which [`datapath`] implements over the pinned BPF maps.
 pub mod apply;
 pub mod datapath;
+pub mod frames;
 pub mod manifests;
 pub mod maps;
 pub mod model;

@@ -1,4 +1,7 @@
-//! Developer tasks: `cargo xtask test` (the whole suite) and `cargo xtask demo`.
+//! Developer tasks: `cargo xtask test` (the whole suite), `cargo xtask demo` and
+//! `cargo xtask bench`.
+mod bench;
+
 use std::{
     collections::BTreeMap,
     io::{BufRead, BufReader},
@@ -31,12 +34,37 @@ enum Task {
     /// network namespaces; send requests through the ClusterIP, edit the manifests live,
     /// and tear everything down (needs root).
     Demo,
+    /// Measure the datapath's cost per packet (BPF_PROG_TEST_RUN) and the control plane's
+    /// sync and change latency against the real maps; writes results/bench.md (needs root).
+    Bench {
+        /// Small sizes and few runs (seconds): what the test suite runs.
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 fn main() -> Result<()> {
     match Cli::parse().task {
         Task::Test { e2e_args } => test(&e2e_args),
         Task::Demo => demo(),
+        Task::Bench { quick } => {
+            if !tests::is_root() {
+                bail!("the benchmark loads BPF programs: run it as root");
+            }
+            let plan = if quick {
+                bench::Plan::quick()
+            } else {
+                bench::Plan::full()
+            };
+            let file = if quick {
+                "results/bench-quick.md"
+            } else {
+                "results/bench.md"
+            };
+            let report = bench::run(&plan, &workspace().join(file))?;
+            println!("\n{report}\nwritten to {file}");
+            Ok(())
+        }
     }
 }
 
@@ -138,6 +166,11 @@ fn test(e2e_args: &[String]) -> Result<()> {
             vec!["test", "--release", "-p", "tests", "--", "--test-threads=1"];
         args.extend(e2e_args.iter().map(String::as_str));
         stages.run("end-to-end tests", &args)?;
+        // The benchmark harness in quick mode, so that it cannot rot.
+        stages.run(
+            "benchmark (quick)",
+            &["run", "--release", "-p", "xtask", "--", "bench", "--quick"],
+        )?;
     }
     println!("\n{:<22} {:<20} {:>8}", "stage", "result", "seconds");
     for (name, result, took) in &stages.0 {

@@ -1,0 +1,413 @@
+//! `cargo xtask bench`: what the datapath costs per packet and what the control plane
+//! costs per sync, measured against the real kernel.
+//!
+//! - datapath-cost: the loaded programs run on crafted frames through `BPF_PROG_TEST_RUN`
+//!   with N Services × 10 endpoints in the maps; the kernel reports the run time of each
+//!   call. New flows need a fresh 5-tuple each (one call per frame), so every case is
+//!   measured the same way: many single runs, median and 99th percentile.
+//! - control-plane: N Services × 10 endpoints as Kubernetes objects -> desired state ->
+//!   the real BPF maps; the time of the full initial sync, of one endpoint change (from
+//!   the changed objects to the maps), and the agent-side memory.
+//!
+//! The machine is shared: the numbers are medians over many runs, and the report keeps
+//! the spread. Results go to `results/bench.md` and stdout.
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    net::Ipv4Addr,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result};
+use aya::programs::{TestRun, TestRunOptions};
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use lb_agent::{
+    apply::Applier,
+    datapath::{self, Datapath, EGRESS_PROG, INGRESS_PROG, MapSizes},
+    frames::frame,
+    model::{self, Objects},
+};
+use lb_common::proto;
+use serde_json::json;
+
+/// Which measurements, at which sizes.
+pub struct Plan {
+    /// Numbers of Services for the datapath cost.
+    pub datapath_sizes: Vec<usize>,
+    /// Numbers of Services for the control plane.
+    pub control_sizes: Vec<usize>,
+    /// Single runs per datapath case.
+    pub runs: usize,
+    /// Endpoint changes timed per size.
+    pub changes: usize,
+}
+
+impl Plan {
+    /// Seconds, for the test suite: small sizes, few runs.
+    pub fn quick() -> Self {
+        Self {
+            datapath_sizes: vec![1, 1_000],
+            control_sizes: vec![1_000],
+            runs: 2_000,
+            changes: 20,
+        }
+    }
+
+    /// The documented full run.
+    pub fn full() -> Self {
+        Self {
+            datapath_sizes: vec![1, 10_000, 100_000],
+            control_sizes: vec![1_000, 10_000, 30_000, 100_000],
+            runs: 20_000,
+            changes: 50,
+        }
+    }
+}
+
+const ENDPOINTS: usize = 10;
+const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 2);
+
+/// ClusterIP of Service `i`: 10.96.0.0/12 has room for a million.
+fn cluster_ip(i: usize) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 0)) + i as u32 + 1)
+}
+
+/// Pod IP of endpoint `e` of Service `i` (10.128.0.0/9), shifted by `generation` so a
+/// change can move one endpoint to a new address.
+fn pod_ip(i: usize, e: usize, generation: u32) -> Ipv4Addr {
+    Ipv4Addr::from(
+        u32::from(Ipv4Addr::new(10, 128, 0, 0))
+            + (i * ENDPOINTS + e) as u32
+            + generation * 0x0040_0000,
+    )
+}
+
+fn objects(n: usize) -> Result<Objects> {
+    let mut o = Objects::default();
+    for i in 0..n {
+        let name = format!("svc-{i}");
+        let svc: Service = serde_json::from_value(json!({
+            "metadata": {"name": name, "namespace": "bench"},
+            "spec": {"clusterIP": cluster_ip(i).to_string(),
+                     "ports": [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080}]}
+        }))?;
+        o.services.insert(("bench".into(), name.clone()), svc);
+        o.endpoint_slices
+            .insert(("bench".into(), format!("{name}-1")), slice(i, 0)?);
+    }
+    Ok(o)
+}
+
+fn slice(i: usize, generation: u32) -> Result<EndpointSlice> {
+    let endpoints: Vec<_> = (0..ENDPOINTS)
+        .map(|e| {
+            // Endpoint 0 carries the change generation.
+            let g = if e == 0 { generation } else { 0 };
+            json!({"addresses": [pod_ip(i, e, g).to_string()], "conditions": {"ready": true}})
+        })
+        .collect();
+    Ok(serde_json::from_value(json!({
+        "metadata": {"name": format!("svc-{i}-1"), "namespace": "bench",
+                     "labels": {"kubernetes.io/service-name": format!("svc-{i}")}},
+        "addressType": "IPv4",
+        "endpoints": endpoints,
+        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}]
+    }))?)
+}
+
+fn sizes_for(n: usize) -> MapSizes {
+    // Head + slots per frontend, one address marker per Service, plus headroom.
+    let entries = (n * (ENDPOINTS + 2) + 4096) as u32;
+    MapSizes {
+        services: entries,
+        backends: entries,
+        ct: 262_144,
+        affinity: 4_096,
+    }
+}
+
+/// A loaded datapath in a private pin directory, removed on drop.
+struct Loaded {
+    dp: Datapath,
+    maps: datapath::BpfMaps,
+    root: PathBuf,
+}
+
+impl Loaded {
+    fn new(n: usize) -> Result<Self> {
+        let root = PathBuf::from(format!("/sys/fs/bpf/lb-bench-{}-{n}", std::process::id()));
+        datapath::prepare(&root)?;
+        let mut dp = Datapath::load_sized(&root, None, &sizes_for(n))?;
+        let maps = dp.service_maps()?;
+        Ok(Self { dp, maps, root })
+    }
+}
+
+impl Drop for Loaded {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let idx = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[idx]
+}
+
+fn summary(mut v: Vec<f64>) -> (f64, f64) {
+    v.sort_by(f64::total_cmp);
+    (percentile(&v, 0.5), percentile(&v, 0.99))
+}
+
+/// Kernel-reported run time of one program call on `frame`, in ns.
+fn run_once(dp: &Datapath, prog: &str, data: &[u8]) -> Result<f64> {
+    let p = dp.program(prog).context("program")?;
+    let mut out = vec![0u8; 256];
+    let r = p.test_run(TestRunOptions {
+        data_in: Some(data),
+        data_out: Some(&mut out),
+        ..Default::default()
+    })?;
+    Ok(r.duration.as_nanos() as f64)
+}
+
+struct DatapathRow {
+    services: usize,
+    case: &'static str,
+    p50: f64,
+    p99: f64,
+}
+
+fn datapath_cost(plan: &Plan) -> Result<Vec<DatapathRow>> {
+    let mut rows = Vec::new();
+    for &n in &plan.datapath_sizes {
+        println!("datapath-cost: {n} Services x {ENDPOINTS} endpoints");
+        let mut l = Loaded::new(n)?;
+        let desired = model::desired_state(&objects(n)?);
+        Applier::new().sync(&desired, &mut l.maps)?;
+        let vip = cluster_ip(n / 2);
+        let runs = plan.runs;
+        // New flows: a fresh source port (and, past 60k, a fresh source address) each.
+        let mut new_flow = Vec::with_capacity(runs);
+        let mut flows = Vec::with_capacity(runs);
+        for k in 0..runs {
+            let src = (
+                Ipv4Addr::from(u32::from(CLIENT) + (k / 60_000) as u32),
+                1024 + (k % 60_000) as u16,
+            );
+            let f = frame(proto::TCP, src, (vip, 80), 0x02);
+            new_flow.push(run_once(&l.dp, INGRESS_PROG, &f)?);
+            flows.push(src);
+        }
+        rows.push(DatapathRow {
+            services: n,
+            case: "new flow (SYN, DNAT)",
+            p50: summary(new_flow.clone()).0,
+            p99: summary(new_flow).1,
+        });
+        let established_frame = frame(proto::TCP, flows[0], (vip, 80), 0x10);
+        let established: Vec<f64> = (0..runs)
+            .map(|_| run_once(&l.dp, INGRESS_PROG, &established_frame))
+            .collect::<Result<_>>()?;
+        let (p50, p99) = summary(established);
+        rows.push(DatapathRow {
+            services: n,
+            case: "established (DNAT)",
+            p50,
+            p99,
+        });
+        // The reply of flow 0 comes from whichever backend it got: find it by asking.
+        let p = l.dp.program(INGRESS_PROG).context("program")?;
+        let mut out = vec![0u8; 256];
+        p.test_run(TestRunOptions {
+            data_in: Some(&established_frame),
+            data_out: Some(&mut out),
+            ..Default::default()
+        })?;
+        let backend = Ipv4Addr::new(out[30], out[31], out[32], out[33]);
+        let reply = frame(proto::TCP, (backend, 8080), flows[0], 0x10);
+        let replies: Vec<f64> = (0..runs)
+            .map(|_| run_once(&l.dp, EGRESS_PROG, &reply))
+            .collect::<Result<_>>()?;
+        let (p50, p99) = summary(replies);
+        rows.push(DatapathRow {
+            services: n,
+            case: "reply (reverse NAT)",
+            p50,
+            p99,
+        });
+        let other = frame(
+            proto::TCP,
+            flows[0],
+            (Ipv4Addr::new(10, 250, 0, 1), 80),
+            0x10,
+        );
+        let passes: Vec<f64> = (0..runs)
+            .map(|_| run_once(&l.dp, INGRESS_PROG, &other))
+            .collect::<Result<_>>()?;
+        let (p50, p99) = summary(passes);
+        rows.push(DatapathRow {
+            services: n,
+            case: "not a Service (pass)",
+            p50,
+            p99,
+        });
+    }
+    Ok(rows)
+}
+
+struct ControlRow {
+    services: usize,
+    model_ms: f64,
+    apply_ms: f64,
+    writes: usize,
+    change_p50_ms: f64,
+    change_p99_ms: f64,
+    change_writes: usize,
+    rss_mib: f64,
+}
+
+fn rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+fn control_plane(plan: &Plan) -> Result<Vec<ControlRow>> {
+    let mut rows = Vec::new();
+    for &n in &plan.control_sizes {
+        println!("control-plane: {n} Services x {ENDPOINTS} endpoints");
+        let mut l = Loaded::new(n)?;
+        let mut objs = objects(n)?;
+        let started = Instant::now();
+        let desired = model::desired_state(&objs);
+        let model_time = started.elapsed();
+        let mut applier = Applier::new();
+        let started = Instant::now();
+        let stats = applier.sync(&desired, &mut l.maps)?;
+        let apply_time = started.elapsed();
+        anyhow::ensure!(
+            stats.failed.is_empty(),
+            "initial sync failed: {:?}",
+            stats.failed.first()
+        );
+        let rss = rss_mib();
+        // One endpoint of one Service moves to a new address: from the changed objects to
+        // the maps, as the agent does it (recompute, diff, write).
+        let mut times = Vec::with_capacity(plan.changes);
+        let mut change_writes = 0;
+        for c in 0..plan.changes {
+            let i = (c * 7919) % n;
+            let s = slice(i, c as u32 % 3 + 1)?;
+            objs.endpoint_slices
+                .insert(("bench".into(), format!("svc-{i}-1")), s);
+            let started = Instant::now();
+            let desired = model::desired_state(&objs);
+            let stats = applier.sync(&desired, &mut l.maps)?;
+            times.push(started.elapsed().as_secs_f64() * 1e3);
+            change_writes = stats.writes + stats.deletes;
+        }
+        let (p50, p99) = summary(times);
+        rows.push(ControlRow {
+            services: n,
+            model_ms: ms(model_time),
+            apply_ms: ms(apply_time),
+            writes: stats.writes,
+            change_p50_ms: p50,
+            change_p99_ms: p99,
+            change_writes,
+            rss_mib: rss,
+        });
+    }
+    Ok(rows)
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// Runs the plan and writes the report.
+pub fn run(plan: &Plan, out: &std::path::Path) -> Result<String> {
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut md = String::new();
+    writeln!(
+        md,
+        "# lb benchmark\n\nKernel {}, {} CPUs. Medians and 99th percentiles over repeated runs on a shared machine.\n",
+        kernel.trim(),
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    )?;
+    let dp_rows = datapath_cost(plan)?;
+    writeln!(
+        md,
+        "## Datapath cost per packet (BPF_PROG_TEST_RUN, {} runs per case)\n",
+        plan.runs
+    )?;
+    writeln!(
+        md,
+        "| Services | case | p50 ns | p99 ns |\n|---:|---|---:|---:|"
+    )?;
+    for r in &dp_rows {
+        writeln!(
+            md,
+            "| {} | {} | {:.0} | {:.0} |",
+            r.services, r.case, r.p50, r.p99
+        )?;
+    }
+    // Flatness: the established-flow cost at the largest size over the smallest.
+    let by_case: BTreeMap<(&str, usize), f64> = dp_rows
+        .iter()
+        .map(|r| ((r.case, r.services), r.p50))
+        .collect();
+    if let (Some(first), Some(last)) = (plan.datapath_sizes.first(), plan.datapath_sizes.last()) {
+        for case in ["new flow (SYN, DNAT)", "established (DNAT)"] {
+            if let (Some(a), Some(b)) = (by_case.get(&(case, *first)), by_case.get(&(case, *last)))
+            {
+                writeln!(
+                    md,
+                    "\n{case}: {last} Services cost {:.2}x what {first} Service(s) cost.",
+                    b / a
+                )?;
+            }
+        }
+    }
+    let cp_rows = control_plane(plan)?;
+    writeln!(
+        md,
+        "\n## Control plane (Services x {ENDPOINTS} endpoints, real BPF maps)\n"
+    )?;
+    writeln!(
+        md,
+        "| Services | desired state ms | initial sync to maps ms | map writes | one change p50 ms | one change p99 ms | writes per change | agent RSS MiB |"
+    )?;
+    writeln!(md, "|---:|---:|---:|---:|---:|---:|---:|---:|")?;
+    for r in &cp_rows {
+        writeln!(
+            md,
+            "| {} | {:.1} | {:.1} | {} | {:.2} | {:.2} | {} | {:.0} |",
+            r.services,
+            r.model_ms,
+            r.apply_ms,
+            r.writes,
+            r.change_p50_ms,
+            r.change_p99_ms,
+            r.change_writes,
+            r.rss_mib
+        )?;
+    }
+    writeln!(
+        md,
+        "\nA change is timed from the changed objects to the maps: the desired state is recomputed for all Services, diffed, and only the difference written."
+    )?;
+    if let Some(dir) = out.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(out, &md)?;
+    Ok(md)
+}
