@@ -22,6 +22,11 @@
 //! safe states — so a Service that cannot be programmed keeps its previous entries (or has
 //! none, if it is new), and the other Services are still applied.
 //!
+//! [`Applier::sync`] examines every frontend. [`Applier::sync_frontends`] examines only the
+//! ones it is given (those whose desired entry changed, from `state::DesiredCache`) plus
+//! the ones an earlier sync failed to program, so a change costs what it touches; both
+//! write the same entries in the same order.
+//!
 //! Service and backend ids are stable for as long as the frontend (and the backend) exist,
 //! including across agent restarts ([`Applier::adopt`] reads them back from the pinned
 //! maps): connection-tracking and affinity entries in the kernel refer to them.
@@ -168,6 +173,10 @@ pub struct Applier {
     /// Backends found at adoption that belong to no frontend. Deleted at the end of a sync,
     /// once no slot names them; their ids stay reserved until then.
     stray_backends: BTreeSet<u32>,
+    /// Frontends whose last update failed, retried by the next [`Applier::sync_frontends`].
+    retry: BTreeSet<Frontend>,
+    /// Addresses whose marker could not be written or deleted, likewise.
+    retry_markers: BTreeSet<Ipv4Addr>,
     /// Map sizes, for messages.
     services_capacity: u32,
     backends_capacity: u32,
@@ -182,6 +191,8 @@ impl Default for Applier {
             backend_ids: Ids::default(),
             stray_services: Vec::new(),
             stray_backends: BTreeSet::new(),
+            retry: BTreeSet::new(),
+            retry_markers: BTreeSet::new(),
             services_capacity: capacity::SERVICES,
             backends_capacity: capacity::BACKENDS,
         }
@@ -408,6 +419,65 @@ impl Applier {
         desired: &Desired,
         maps: &mut impl ServiceMaps,
     ) -> Result<SyncStats, ApplyError> {
+        self.sync_services(&desired.services, maps)
+    }
+
+    /// [`Applier::sync`] over the frontend table alone (what `state::DesiredCache`
+    /// holds): the full sync, for the first sync after [`Applier::adopt`] and as a
+    /// periodic safety net next to [`Applier::sync_frontends`].
+    pub fn sync_services(
+        &mut self,
+        desired: &BTreeMap<Frontend, DesiredService>,
+        maps: &mut impl ServiceMaps,
+    ) -> Result<SyncStats, ApplyError> {
+        // Every frontend is examined, so nothing is left over to retry.
+        self.retry.clear();
+        self.retry_markers.clear();
+        let frontends: BTreeSet<Frontend> = self
+            .frontends
+            .keys()
+            .chain(desired.keys())
+            .copied()
+            .collect();
+        let addrs: BTreeSet<Ipv4Addr> = self
+            .markers
+            .iter()
+            .copied()
+            .chain(frontends.iter().map(|fe| fe.addr))
+            .collect();
+        self.sync_some(desired, frontends, addrs, maps)
+    }
+
+    /// Like [`Applier::sync`], but examines only `frontends` (the ones whose desired
+    /// entry changed since the last sync, as `state::Delta` lists them), the address
+    /// markers of their addresses, and whatever an earlier sync failed to program: its
+    /// cost follows the size of the change, not the number of Services. The guarantees
+    /// are those of `sync`, provided every other frontend's entry in `desired` is what the
+    /// previous sync was given.
+    pub fn sync_frontends(
+        &mut self,
+        desired: &BTreeMap<Frontend, DesiredService>,
+        frontends: impl IntoIterator<Item = Frontend>,
+        maps: &mut impl ServiceMaps,
+    ) -> Result<SyncStats, ApplyError> {
+        // A frontend that failed before is out of step with its (unchanged) desired entry
+        // and would otherwise wait for the next full sync.
+        let mut frontends: BTreeSet<Frontend> = frontends.into_iter().collect();
+        frontends.append(&mut self.retry);
+        let mut addrs: BTreeSet<Ipv4Addr> = frontends.iter().map(|fe| fe.addr).collect();
+        addrs.append(&mut self.retry_markers);
+        self.sync_some(desired, frontends, addrs, maps)
+    }
+
+    /// Brings `frontends` and the markers of `addrs` to `desired`; frontends and markers
+    /// that fail are remembered for the next [`Applier::sync_frontends`].
+    fn sync_some(
+        &mut self,
+        desired: &BTreeMap<Frontend, DesiredService>,
+        frontends: BTreeSet<Frontend>,
+        addrs: BTreeSet<Ipv4Addr>,
+        maps: &mut impl ServiceMaps,
+    ) -> Result<SyncStats, ApplyError> {
         let mut w = Writer {
             maps,
             stats: SyncStats::default(),
@@ -423,33 +493,33 @@ impl Applier {
 
         // Removals first, then updates that do not grow, then the rest: what leaves makes
         // room for what comes.
-        let mut order: Vec<(u8, Frontend)> = Vec::new();
-        for (fe, st) in &self.frontends {
-            match desired.services.get(fe) {
-                None => order.push((0, *fe)),
-                Some(d) => {
-                    let grows = d.active.len() > st.slots.len()
-                        || d.active.len() + d.terminating.len() > st.backends.len();
-                    order.push((if grows { 2 } else { 1 }, *fe));
-                }
-            }
-        }
-        for fe in desired.services.keys() {
-            if !self.frontends.contains_key(fe) {
-                order.push((3, *fe));
-            }
-        }
+        let mut order: Vec<(u8, Frontend)> = frontends
+            .into_iter()
+            .filter_map(|fe| {
+                let class = match (self.frontends.get(&fe), desired.get(&fe)) {
+                    (Some(_), None) => 0,
+                    (Some(st), Some(d)) => {
+                        let grows = d.active.len() > st.slots.len()
+                            || d.active.len() + d.terminating.len() > st.backends.len();
+                        if grows { 2 } else { 1 }
+                    }
+                    (None, Some(_)) => 3,
+                    (None, None) => return None,
+                };
+                Some((class, fe))
+            })
+            .collect();
         order.sort();
         for (_, fe) in order {
-            if let Err((problem, undo_failed)) =
-                self.apply_frontend(&fe, desired.services.get(&fe), &mut w)
+            if let Err((problem, undo_failed)) = self.apply_frontend(&fe, desired.get(&fe), &mut w)
             {
                 w.stats.failed.push(problem);
+                self.retry.insert(fe);
                 resync |= undo_failed;
             }
         }
 
-        self.sync_markers(&mut w);
+        self.sync_markers(addrs, &mut w);
         self.delete_stray_backends(&mut w);
 
         if resync {
@@ -464,6 +534,8 @@ impl Applier {
             *self = Self {
                 services_capacity: self.services_capacity,
                 backends_capacity: self.backends_capacity,
+                retry: std::mem::take(&mut self.retry),
+                retry_markers: std::mem::take(&mut self.retry_markers),
                 ..fresh
             };
             for (fe, owner) in owners {
@@ -631,25 +703,36 @@ impl Applier {
     }
 
     /// One marker per address that has at least one frontend in the map; written after
-    /// the frontends it covers, deleted after the last of them.
-    fn sync_markers<M: ServiceMaps>(&mut self, w: &mut Writer<'_, M>) {
-        let mut wanted: BTreeMap<Ipv4Addr, Option<ObjectRef>> = BTreeMap::new();
-        for (fe, st) in &self.frontends {
-            if st.head.is_some() {
-                wanted.entry(fe.addr).or_insert_with(|| st.owner.clone());
+    /// the frontends it covers, deleted after the last of them. Only `addrs` are looked at.
+    fn sync_markers<M: ServiceMaps>(&mut self, addrs: BTreeSet<Ipv4Addr>, w: &mut Writer<'_, M>) {
+        let mut wanted: Vec<(Ipv4Addr, Option<ObjectRef>)> = Vec::new();
+        let mut stale: Vec<Ipv4Addr> = Vec::new();
+        for addr in addrs {
+            // Frontends sort by address first: this range is the address's frontends.
+            let first = Frontend {
+                addr,
+                port: 0,
+                proto: Protocol::Tcp,
+            };
+            let last = Frontend {
+                addr,
+                port: u16::MAX,
+                proto: Protocol::Udp,
+            };
+            let covered = self
+                .frontends
+                .range(first..=last)
+                .find(|(_, st)| st.head.is_some());
+            match covered {
+                Some((_, st)) if !self.markers.contains(&addr) => {
+                    wanted.push((addr, st.owner.clone()));
+                }
+                None if self.markers.contains(&addr) => stale.push(addr),
+                _ => {}
             }
         }
-        let stale: Vec<Ipv4Addr> = self
-            .markers
-            .iter()
-            .filter(|a| !wanted.contains_key(a))
-            .copied()
-            .collect();
         let mut failed = Vec::new();
         for (addr, owner) in wanted {
-            if self.markers.contains(&addr) {
-                continue;
-            }
             match w.apply(&Op::PutService(
                 ServiceKey::addr_marker(addr_be(addr)),
                 MARKER,
@@ -657,14 +740,17 @@ impl Applier {
                 Ok(()) => {
                     self.markers.insert(addr);
                 }
-                Err(e) => failed.push(Problem::new(
-                    owner.unwrap_or_else(|| ObjectRef::new("Address", "", &addr.to_string())),
-                    format!(
-                        "address marker {addr} not added (ports it does not define are \
-                         passed instead of rejected): {}",
-                        self.describe(&e)
-                    ),
-                )),
+                Err(e) => {
+                    self.retry_markers.insert(addr);
+                    failed.push(Problem::new(
+                        owner.unwrap_or_else(|| ObjectRef::new("Address", "", &addr.to_string())),
+                        format!(
+                            "address marker {addr} not added (ports it does not define are \
+                             passed instead of rejected): {}",
+                            self.describe(&e)
+                        ),
+                    ));
+                }
             }
         }
         for addr in stale {
@@ -672,10 +758,13 @@ impl Applier {
                 Ok(()) => {
                     self.markers.remove(&addr);
                 }
-                Err(e) => failed.push(Problem::new(
-                    ObjectRef::new("Address", "", &addr.to_string()),
-                    format!("address marker not removed: {}", self.describe(&e)),
-                )),
+                Err(e) => {
+                    self.retry_markers.insert(addr);
+                    failed.push(Problem::new(
+                        ObjectRef::new("Address", "", &addr.to_string()),
+                        format!("address marker not removed: {}", self.describe(&e)),
+                    ));
+                }
             }
         }
         w.stats.failed.extend(failed);
@@ -845,7 +934,7 @@ fn transition(fe: &Frontend, old: &FrontendState, new: &FrontendState) -> Vec<St
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::maps::{MemMaps, MemOp};
 
@@ -930,7 +1019,7 @@ mod tests {
     }
 
     /// Replays the op log from `start`, checking the invariant after every op.
-    fn replay_invariant(start: &MemMaps, log: &[MemOp]) {
+    pub(crate) fn replay_invariant(start: &MemMaps, log: &[MemOp]) {
         let mut m = start.clone();
         m.log.clear();
         for (i, op) in log.iter().enumerate() {
@@ -1551,15 +1640,15 @@ mod tests {
     }
 
     /// xorshift, so the test needs no extra crate and is reproducible.
-    struct Rng(u64);
+    pub(crate) struct Rng(pub(crate) u64);
     impl Rng {
-        fn next(&mut self) -> u64 {
+        pub(crate) fn next(&mut self) -> u64 {
             self.0 ^= self.0 << 13;
             self.0 ^= self.0 >> 7;
             self.0 ^= self.0 << 17;
             self.0
         }
-        fn below(&mut self, n: u64) -> u64 {
+        pub(crate) fn below(&mut self, n: u64) -> u64 {
             self.next() % n
         }
     }

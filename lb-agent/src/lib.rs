@@ -10,3 +10,4 @@ pub mod frames;
 pub mod manifests;
 pub mod maps;
 pub mod model;
+pub mod state;

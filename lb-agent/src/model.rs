@@ -227,139 +227,199 @@ struct Seen {
 }
 
 /// Computes the desired tables from `objects`.
+///
+/// This is the reference: [`crate::state::DesiredCache`] keeps the same result up to date
+/// one Service at a time, and its tests compare the two.
 pub fn desired_state(objects: &Objects) -> Desired {
     let mut problems = BTreeSet::new();
     let mut services: BTreeMap<Frontend, DesiredService> = BTreeMap::new();
     let slices_by_service = group_slices(objects);
 
     // BTreeMap order is (namespace, name): the first claimant of a frontend keeps it.
-    for ((ns, name), svc) in &objects.services {
-        let owner = ObjectRef::new("Service", ns, name);
-        let Some(spec) = svc.spec.as_ref() else {
-            continue;
-        };
-        if spec.type_.as_deref() == Some("ExternalName") {
-            continue;
+    for (key, svc) in &objects.services {
+        let slices = slices_by_service
+            .get(&(key.0.as_str(), key.1.as_str()))
+            .map_or(&[][..], Vec::as_slice);
+        let claims = service_claims(objects, key, svc, slices);
+        for (fe, entry) in &claims.frontends {
+            services.entry(*fe).or_insert_with(|| entry.clone());
         }
-        if svc
-            .metadata
-            .labels
-            .as_ref()
-            .is_some_and(|l| l.contains_key(LABEL_SERVICE_PROXY_NAME))
-        {
-            continue;
-        }
-        let ips = cluster_ips(spec);
-        if ips.iter().any(|ip| ip.eq_ignore_ascii_case("None")) || ips.is_empty() {
-            continue;
-        }
-        let mut addrs = Vec::new();
-        let mut v6 = Vec::new();
-        for ip in &ips {
-            match ip.parse::<IpAddr>() {
-                Ok(IpAddr::V4(v4)) => addrs.push(v4),
-                Ok(IpAddr::V6(_)) => v6.push(ip.as_str()),
-                Err(_) => {
-                    problems.insert(Problem::new(
-                        owner.clone(),
-                        format!("clusterIP {ip:?} is not a valid IP address; skipped"),
-                    ));
-                }
-            }
-        }
-        if !v6.is_empty() {
-            // One note per Service: a dual-stack Service still works over IPv4.
-            problems.insert(Problem::new(
-                owner.clone(),
-                format!(
-                    "IPv6 is not supported yet; ClusterIP {} skipped",
-                    v6.join(", ")
-                ),
-            ));
-        }
-        if addrs.is_empty() {
-            continue;
-        }
-        let (affinity, affinity_problem) = affinity_timeout(spec);
-        if let Some(reason) = affinity_problem {
-            problems.insert(Problem::new(owner.clone(), reason));
-        }
-        let endpoints = endpoints_of(objects, ns, name, slices_by_service.get(&(ns, name)));
-        for port in spec.ports.iter().flatten() {
-            let port_name = port.name.clone().unwrap_or_default();
-            let what = if port_name.is_empty() {
-                format!("port {}", port.port)
-            } else {
-                format!("port {:?} ({})", port_name, port.port)
-            };
-            let proto = match port.protocol.as_deref().unwrap_or("TCP") {
-                "TCP" => Protocol::Tcp,
-                "UDP" => Protocol::Udp,
-                "SCTP" => {
-                    problems.insert(Problem::new(
-                        owner.clone(),
-                        format!("{what}: SCTP is not supported yet; skipped"),
-                    ));
-                    continue;
-                }
-                other => {
-                    problems.insert(Problem::new(
-                        owner.clone(),
-                        format!("{what}: unknown protocol {other:?}; skipped"),
-                    ));
-                    continue;
-                }
-            };
-            let Ok(svc_port) = u16::try_from(port.port) else {
-                problems.insert(Problem::new(
-                    owner.clone(),
-                    format!("{what}: port out of range"),
-                ));
-                continue;
-            };
-            if svc_port == 0 {
-                problems.insert(Problem::new(
-                    owner.clone(),
-                    format!("{what}: port must not be 0"),
-                ));
-                continue;
-            }
-            let (active, terminating) = select_endpoints(&endpoints, &port_name, proto);
-            for addr in &addrs {
-                let fe = Frontend {
-                    addr: *addr,
-                    port: svc_port,
-                    proto,
-                };
-                if let Some(existing) = services.get(&fe) {
-                    let reason = if existing.owner == owner {
-                        format!("{fe} is defined twice in this Service; the second is ignored")
-                    } else {
-                        format!(
-                            "{fe} is already claimed by {}; this port is ignored",
-                            existing.owner
-                        )
-                    };
-                    problems.insert(Problem::new(owner.clone(), reason));
-                    continue;
-                }
-                services.insert(
-                    fe,
-                    DesiredService {
-                        owner: owner.clone(),
-                        port_name: port_name.clone(),
-                        active: active.clone(),
-                        terminating: terminating.clone(),
-                        affinity_timeout_s: affinity,
-                    },
-                );
-            }
-        }
+        problems.extend(claims.problems_with(|fe| services.get(fe).map(|s| &s.owner)));
     }
     Desired {
         services,
         problems: problems.into_iter().collect(),
     }
+}
+
+/// What one Service asks for on its own, before frontend conflicts with other Services
+/// are settled: the unit that [`desired_state`] and the incremental cache both compute.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServiceClaims {
+    /// The Service.
+    pub owner: ObjectRef,
+    /// Each frontend the Service defines, with its first definition.
+    pub frontends: BTreeMap<Frontend, DesiredService>,
+    /// Frontends the Service defines more than once.
+    pub repeated: BTreeSet<Frontend>,
+    /// Problems with the Service itself (frontend conflicts aside).
+    pub problems: BTreeSet<Problem>,
+}
+
+impl ServiceClaims {
+    /// The Service's problems once `winner` tells which Service holds each frontend: its
+    /// own, plus one per frontend lost to another Service, or repeated while held.
+    pub fn problems_with<'o>(
+        &self,
+        mut winner: impl FnMut(&Frontend) -> Option<&'o ObjectRef>,
+    ) -> BTreeSet<Problem> {
+        let mut problems = self.problems.clone();
+        for fe in self.frontends.keys() {
+            let reason = match winner(fe) {
+                Some(w) if *w != self.owner => {
+                    format!("{fe} is already claimed by {w}; this port is ignored")
+                }
+                _ if self.repeated.contains(fe) => {
+                    format!("{fe} is defined twice in this Service; the second is ignored")
+                }
+                _ => continue,
+            };
+            problems.insert(Problem::new(self.owner.clone(), reason));
+        }
+        problems
+    }
+}
+
+/// What Service `key` claims, given its EndpointSlices (as [`slice_service`] assigns
+/// them; none: its v1 Endpoints are used).
+pub fn service_claims(
+    objects: &Objects,
+    key: &Key,
+    svc: &Service,
+    slices: &[&EndpointSlice],
+) -> ServiceClaims {
+    let (ns, name) = (key.0.as_str(), key.1.as_str());
+    let owner = ObjectRef::new("Service", ns, name);
+    let mut claims = ServiceClaims {
+        owner: owner.clone(),
+        frontends: BTreeMap::new(),
+        repeated: BTreeSet::new(),
+        problems: BTreeSet::new(),
+    };
+    let problems = &mut claims.problems;
+    let Some(spec) = svc.spec.as_ref() else {
+        return claims;
+    };
+    if spec.type_.as_deref() == Some("ExternalName") {
+        return claims;
+    }
+    if svc
+        .metadata
+        .labels
+        .as_ref()
+        .is_some_and(|l| l.contains_key(LABEL_SERVICE_PROXY_NAME))
+    {
+        return claims;
+    }
+    let ips = cluster_ips(spec);
+    if ips.iter().any(|ip| ip.eq_ignore_ascii_case("None")) || ips.is_empty() {
+        return claims;
+    }
+    let mut addrs = Vec::new();
+    let mut v6 = Vec::new();
+    for ip in &ips {
+        match ip.parse::<IpAddr>() {
+            Ok(IpAddr::V4(v4)) => addrs.push(v4),
+            Ok(IpAddr::V6(_)) => v6.push(ip.as_str()),
+            Err(_) => {
+                problems.insert(Problem::new(
+                    owner.clone(),
+                    format!("clusterIP {ip:?} is not a valid IP address; skipped"),
+                ));
+            }
+        }
+    }
+    if !v6.is_empty() {
+        // One note per Service: a dual-stack Service still works over IPv4.
+        problems.insert(Problem::new(
+            owner.clone(),
+            format!(
+                "IPv6 is not supported yet; ClusterIP {} skipped",
+                v6.join(", ")
+            ),
+        ));
+    }
+    if addrs.is_empty() {
+        return claims;
+    }
+    let (affinity, affinity_problem) = affinity_timeout(spec);
+    if let Some(reason) = affinity_problem {
+        problems.insert(Problem::new(owner.clone(), reason));
+    }
+    let endpoints = endpoints_of(objects, ns, name, slices);
+    for port in spec.ports.iter().flatten() {
+        let port_name = port.name.clone().unwrap_or_default();
+        let what = if port_name.is_empty() {
+            format!("port {}", port.port)
+        } else {
+            format!("port {:?} ({})", port_name, port.port)
+        };
+        let proto = match port.protocol.as_deref().unwrap_or("TCP") {
+            "TCP" => Protocol::Tcp,
+            "UDP" => Protocol::Udp,
+            "SCTP" => {
+                problems.insert(Problem::new(
+                    owner.clone(),
+                    format!("{what}: SCTP is not supported yet; skipped"),
+                ));
+                continue;
+            }
+            other => {
+                problems.insert(Problem::new(
+                    owner.clone(),
+                    format!("{what}: unknown protocol {other:?}; skipped"),
+                ));
+                continue;
+            }
+        };
+        let Ok(svc_port) = u16::try_from(port.port) else {
+            problems.insert(Problem::new(
+                owner.clone(),
+                format!("{what}: port out of range"),
+            ));
+            continue;
+        };
+        if svc_port == 0 {
+            problems.insert(Problem::new(
+                owner.clone(),
+                format!("{what}: port must not be 0"),
+            ));
+            continue;
+        }
+        let (active, terminating) = select_endpoints(&endpoints, &port_name, proto);
+        for addr in &addrs {
+            let fe = Frontend {
+                addr: *addr,
+                port: svc_port,
+                proto,
+            };
+            if claims.frontends.contains_key(&fe) {
+                claims.repeated.insert(fe);
+                continue;
+            }
+            claims.frontends.insert(
+                fe,
+                DesiredService {
+                    owner: owner.clone(),
+                    port_name: port_name.clone(),
+                    active: active.clone(),
+                    terminating: terminating.clone(),
+                    affinity_timeout_s: affinity,
+                },
+            );
+        }
+    }
+    claims
 }
 
 /// `spec.clusterIPs`, or `spec.clusterIP` when the list is absent (older objects).
@@ -397,23 +457,23 @@ fn affinity_timeout(spec: &ServiceSpec) -> (Option<u32>, Option<String>) {
     (Some(clamped), problem)
 }
 
-/// Slices by the (namespace, name) of the Service they belong to, skipping the ones
-/// kube-proxy's label selector leaves out.
+/// The name of the Service (in the slice's namespace) that `slice` belongs to, or `None`
+/// for a slice that kube-proxy's label selector leaves out.
+pub fn slice_service(slice: &EndpointSlice) -> Option<&str> {
+    let labels = slice.metadata.labels.as_ref()?;
+    if labels.contains_key(LABEL_HEADLESS) || labels.contains_key(LABEL_SERVICE_PROXY_NAME) {
+        return None;
+    }
+    labels.get(LABEL_SERVICE_NAME).map(String::as_str)
+}
+
+/// Slices by the (namespace, name) of the Service they belong to (see [`slice_service`]).
 fn group_slices(objects: &Objects) -> BTreeMap<(&str, &str), Vec<&EndpointSlice>> {
     let mut out: BTreeMap<(&str, &str), Vec<&EndpointSlice>> = BTreeMap::new();
     for ((ns, _), slice) in &objects.endpoint_slices {
-        let Some(labels) = slice.metadata.labels.as_ref() else {
-            continue;
-        };
-        if labels.contains_key(LABEL_HEADLESS) || labels.contains_key(LABEL_SERVICE_PROXY_NAME) {
-            continue;
+        if let Some(service) = slice_service(slice) {
+            out.entry((ns.as_str(), service)).or_default().push(slice);
         }
-        let Some(service) = labels.get(LABEL_SERVICE_NAME) else {
-            continue;
-        };
-        out.entry((ns.as_str(), service.as_str()))
-            .or_default()
-            .push(slice);
     }
     out
 }
@@ -433,10 +493,12 @@ fn endpoints_of(
     objects: &Objects,
     ns: &str,
     name: &str,
-    slices: Option<&Vec<&EndpointSlice>>,
+    slices: &[&EndpointSlice],
 ) -> PortEndpoints {
     let mut out = PortEndpoints::new();
-    match slices {
+    // A Service without slices is read from its v1 Endpoints, as the mirroring
+    // controller would have turned them into a slice.
+    match (!slices.is_empty()).then_some(slices) {
         Some(slices) => {
             for slice in slices {
                 if slice.address_type != "IPv4" {

@@ -7,7 +7,8 @@
 //!   measured the same way: many single runs, median and 99th percentile.
 //! - control-plane: N Services × 10 endpoints as Kubernetes objects -> desired state ->
 //!   the real BPF maps; the time of the full initial sync, of one endpoint change (from
-//!   the changed objects to the maps), and the agent-side memory.
+//!   the changed objects to the maps) through the incremental path and, for comparison,
+//!   through a full recompute, and the agent-side memory.
 //!
 //! The machine is shared: the numbers are medians over many runs, and the report keeps
 //! the spread. Results go to `results/bench.md` and stdout.
@@ -27,6 +28,7 @@ use lb_agent::{
     datapath::{self, Datapath, EGRESS_PROG, INGRESS_PROG, MapSizes},
     frames::frame,
     model::{self, Objects},
+    state::{ChangedKeys, DesiredCache},
 };
 use lb_common::proto;
 use serde_json::json;
@@ -263,10 +265,15 @@ fn datapath_cost(plan: &Plan) -> Result<Vec<DatapathRow>> {
 struct ControlRow {
     services: usize,
     model_ms: f64,
+    cache_ms: f64,
     apply_ms: f64,
     writes: usize,
-    change_p50_ms: f64,
-    change_p99_ms: f64,
+    /// One change through the cache and `sync_frontends`: p50, p99.
+    change_ms: (f64, f64),
+    /// Of which the snapshot diff (`ChangedKeys::between`): p50.
+    diff_p50_ms: f64,
+    /// One change through `desired_state` and the full `sync`: p50, p99.
+    full_change_ms: (f64, f64),
     change_writes: usize,
     rss_mib: f64,
 }
@@ -289,6 +296,9 @@ fn control_plane(plan: &Plan) -> Result<Vec<ControlRow>> {
         let started = Instant::now();
         let desired = model::desired_state(&objs);
         let model_time = started.elapsed();
+        let started = Instant::now();
+        let (mut cache, _) = DesiredCache::build(&objs);
+        let cache_time = started.elapsed();
         let mut applier = Applier::new();
         let started = Instant::now();
         let stats = applier.sync(&desired, &mut l.maps)?;
@@ -298,30 +308,52 @@ fn control_plane(plan: &Plan) -> Result<Vec<ControlRow>> {
             "initial sync failed: {:?}",
             stats.failed.first()
         );
+        drop(desired);
         let rss = rss_mib();
         // One endpoint of one Service moves to a new address: from the changed objects to
-        // the maps, as the agent does it (recompute, diff, write).
-        let mut times = Vec::with_capacity(plan.changes);
+        // the maps, as the agent does it. Changes alternate between the incremental path
+        // (snapshot diff, cache update, sync of the changed frontends) and the full one
+        // (recompute everything, diff every frontend) on the same applier and maps.
+        let mut incremental = Vec::with_capacity(plan.changes);
+        let mut diffs = Vec::with_capacity(plan.changes);
+        let mut full = Vec::with_capacity(plan.changes);
         let mut change_writes = 0;
-        for c in 0..plan.changes {
+        for c in 0..plan.changes * 2 {
             let i = (c * 7919) % n;
-            let s = slice(i, c as u32 % 3 + 1)?;
-            objs.endpoint_slices
-                .insert(("bench".into(), format!("svc-{i}-1")), s);
-            let started = Instant::now();
-            let desired = model::desired_state(&objs);
-            let stats = applier.sync(&desired, &mut l.maps)?;
-            times.push(started.elapsed().as_secs_f64() * 1e3);
-            change_writes = stats.writes + stats.deletes;
+            let before = objs.clone();
+            objs.endpoint_slices.insert(
+                ("bench".into(), format!("svc-{i}-1")),
+                slice(i, c as u32 % 3 + 1)?,
+            );
+            if c % 2 == 0 {
+                let started = Instant::now();
+                let changed = ChangedKeys::between(&before, &objs);
+                diffs.push(started.elapsed().as_secs_f64() * 1e3);
+                let delta = cache.update(&objs, &changed);
+                let stats =
+                    applier.sync_frontends(cache.services(), delta.frontends(), &mut l.maps)?;
+                incremental.push(started.elapsed().as_secs_f64() * 1e3);
+                anyhow::ensure!(stats.failed.is_empty(), "change failed: {:?}", stats.failed);
+                change_writes = stats.writes + stats.deletes;
+            } else {
+                let started = Instant::now();
+                let desired = model::desired_state(&objs);
+                let stats = applier.sync(&desired, &mut l.maps)?;
+                full.push(started.elapsed().as_secs_f64() * 1e3);
+                anyhow::ensure!(stats.failed.is_empty(), "change failed: {:?}", stats.failed);
+                // Keep the cache current (untimed); the maps already are.
+                cache.update(&objs, &ChangedKeys::between(&before, &objs));
+            }
         }
-        let (p50, p99) = summary(times);
         rows.push(ControlRow {
             services: n,
             model_ms: ms(model_time),
+            cache_ms: ms(cache_time),
             apply_ms: ms(apply_time),
             writes: stats.writes,
-            change_p50_ms: p50,
-            change_p99_ms: p99,
+            change_ms: summary(incremental),
+            diff_p50_ms: summary(diffs).0,
+            full_change_ms: summary(full),
             change_writes,
             rss_mib: rss,
         });
@@ -384,26 +416,33 @@ pub fn run(plan: &Plan, out: &std::path::Path) -> Result<String> {
     )?;
     writeln!(
         md,
-        "| Services | desired state ms | initial sync to maps ms | map writes | one change p50 ms | one change p99 ms | writes per change | agent RSS MiB |"
+        "| Services | desired state ms | cache build ms | initial sync to maps ms | map writes | one change p50 ms | one change p99 ms | of which snapshot diff p50 ms | full recompute p50 ms | full recompute p99 ms | writes per change | agent RSS MiB |"
     )?;
-    writeln!(md, "|---:|---:|---:|---:|---:|---:|---:|---:|")?;
+    writeln!(
+        md,
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    )?;
     for r in &cp_rows {
         writeln!(
             md,
-            "| {} | {:.1} | {:.1} | {} | {:.2} | {:.2} | {} | {:.0} |",
+            "| {} | {:.1} | {:.1} | {:.1} | {} | {:.3} | {:.3} | {:.3} | {:.2} | {:.2} | {} | {:.0} |",
             r.services,
             r.model_ms,
+            r.cache_ms,
             r.apply_ms,
             r.writes,
-            r.change_p50_ms,
-            r.change_p99_ms,
+            r.change_ms.0,
+            r.change_ms.1,
+            r.diff_p50_ms,
+            r.full_change_ms.0,
+            r.full_change_ms.1,
             r.change_writes,
             r.rss_mib
         )?;
     }
     writeln!(
         md,
-        "\nA change is timed from the changed objects to the maps: the desired state is recomputed for all Services, diffed, and only the difference written."
+        "\nA change is timed from the changed objects to the maps. \"One change\": the two snapshots are diffed per key, only the Services the changed keys affect are recomputed (`state::DesiredCache`), and only the frontends whose entry changed are diffed and written (`Applier::sync_frontends`). \"Full recompute\": the desired state is recomputed for all Services and every frontend diffed (`desired_state` + `Applier::sync`), for comparison."
     )?;
     if let Some(dir) = out.parent() {
         std::fs::create_dir_all(dir)?;
