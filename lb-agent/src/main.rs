@@ -12,7 +12,8 @@ use clap::Parser;
 use lb_agent::{
     apply::Applier,
     datapath::{self, Datapath, DevicePatterns, LinkMonitor},
-    manifests::ManifestDir,
+    kube_source,
+    manifests::{ManifestDir, Scan},
     model,
 };
 use tokio::signal::unix::{SignalKind, signal};
@@ -21,16 +22,27 @@ use tracing::{error, info, warn};
 /// eBPF Service load balancer: a kube-proxy replacement.
 ///
 /// Translates traffic to Service ClusterIPs into pod backends in the kernel (TC programs),
-/// fed from a directory of Kubernetes manifests (Service, EndpointSlice, Endpoints) that is
+/// fed from the Kubernetes API (Services and EndpointSlices, watched) or, with
+/// `--manifests`, from a directory of manifests (Service, EndpointSlice, Endpoints) that is
 /// followed live.
 #[derive(Debug, Parser)]
 #[command(name = "lb-agent", version)]
 struct Cli {
     /// Directory of Kubernetes manifests (*.yaml, *.yml, *.json: Service,
     /// discovery.k8s.io/v1 EndpointSlice, v1 Endpoints), as `kubectl apply -f DIR` takes
-    /// them. Edits are applied live.
+    /// them. Edits are applied live. Without this flag the agent watches the Kubernetes
+    /// API.
     #[arg(long, value_name = "DIR")]
-    manifests: PathBuf,
+    manifests: Option<PathBuf>,
+
+    /// Kubeconfig file for the Kubernetes API; without it, the in-cluster configuration
+    /// or the default kubeconfig (`KUBECONFIG`, `~/.kube/config`) is used.
+    #[arg(long, value_name = "FILE", conflicts_with = "manifests")]
+    kubeconfig: Option<PathBuf>,
+
+    /// Name of this node, as the Kubernetes API knows it (defaults to the host name).
+    #[arg(long, value_name = "NAME")]
+    hostname_override: Option<String>,
 
     /// Devices to attach to: comma-separated names or globs (`veth*,eth0`). Matching
     /// devices that appear later (pod veths) are attached when they appear.
@@ -52,7 +64,7 @@ struct Cli {
 
     /// Print the service and backend tables computed from the manifests as JSON, and
     /// exit without touching the kernel (needs no privilege).
-    #[arg(long)]
+    #[arg(long, requires = "manifests")]
     dry_run: bool,
 
     /// Log filter (tracing EnvFilter syntax, e.g. `info`, `lb_agent=debug`); the
@@ -96,9 +108,99 @@ fn init_logging(filter: Option<&str>) {
         .init();
 }
 
+/// Where objects come from.
+enum Source {
+    /// A manifests directory, rescanned every tick.
+    Dir {
+        dir: ManifestDir,
+        poll: tokio::time::Interval,
+    },
+    /// The Kubernetes API, through [`kube_source::run`] in a task.
+    Kube {
+        rx: tokio::sync::watch::Receiver<Option<model::Objects>>,
+        task: tokio::task::JoinHandle<()>,
+    },
+}
+
+impl Source {
+    /// The first complete state; for the API, once both initial lists are done.
+    async fn first(&mut self) -> anyhow::Result<Scan> {
+        match self {
+            Self::Dir { dir, .. } => Ok(dir.rescan()?.unwrap_or_default()),
+            Self::Kube { rx, .. } => {
+                let objects = rx
+                    .wait_for(Option::is_some)
+                    .await
+                    .map_err(|_| anyhow::anyhow!("the Kubernetes watch stopped before listing"))?
+                    .clone()
+                    .unwrap_or_default();
+                Ok(Scan {
+                    objects,
+                    problems: Vec::new(),
+                })
+            }
+        }
+    }
+
+    /// Waits for the next changed state. Cancel-safe, for `select!`.
+    async fn next(&mut self) -> Scan {
+        match self {
+            Self::Dir { dir, poll } => loop {
+                poll.tick().await;
+                match dir.rescan() {
+                    Ok(Some(scan)) => return scan,
+                    Ok(None) => {}
+                    Err(e) => warn!("{e}"),
+                }
+            },
+            Self::Kube { rx, .. } => {
+                if rx.changed().await.is_err() {
+                    // The source task only ends when the receiver is gone; never here.
+                    std::future::pending::<()>().await;
+                }
+                Scan {
+                    objects: rx.borrow_and_update().clone().unwrap_or_default(),
+                    problems: Vec::new(),
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Source {
+    fn drop(&mut self) {
+        if let Self::Kube { task, .. } = self {
+            task.abort();
+        }
+    }
+}
+
+/// This node's name: `--hostname-override`, else the kernel's host name.
+fn node_name(cli: &Cli) -> String {
+    cli.hostname_override.clone().unwrap_or_else(|| {
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_owned())
+            .unwrap_or_default()
+    })
+}
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    let mut dir = ManifestDir::open(&cli.manifests)?;
-    if cli.dry_run {
+    let poll_every = Duration::from_millis(cli.poll_interval_ms.max(10));
+    let mut source = match &cli.manifests {
+        Some(path) => Source::Dir {
+            dir: ManifestDir::open(path)?,
+            poll: tokio::time::interval(poll_every),
+        },
+        None => {
+            let client = kube_source::client(cli.kubeconfig.as_deref()).await?;
+            let (tx, rx) = tokio::sync::watch::channel(None);
+            let task = tokio::spawn(kube_source::run(client, tx));
+            Source::Kube { rx, task }
+        }
+    };
+    // Stored for node-local policies (externalTrafficPolicy: Local, topology hints).
+    let node = node_name(&cli);
+    if let (true, Source::Dir { dir, .. }) = (cli.dry_run, &mut source) {
         let scan = dir.rescan()?.unwrap_or_default();
         report_problems(
             &mut BTreeSet::new(),
@@ -121,10 +223,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let mut applier = Applier::adopt(&maps)?;
 
     // First sync before attaching to new devices: packets that reach the programs always
-    // see a complete table (after a restart, the adopted one until this sync lands).
+    // see a complete table (after a restart, the adopted one until this sync lands). For
+    // the API that is after both initial lists, however long they take.
     let mut reported = BTreeSet::new();
-    let mut last_scan = dir.rescan()?.unwrap_or_default();
-    sync(&mut applier, &mut maps, &last_scan, &mut reported);
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let first = tokio::select! {
+        scan = source.first() => scan?,
+        _ = sigterm.recv() => return Ok(()),
+        _ = sigint.recv() => return Ok(()),
+    };
+    sync(&mut applier, &mut maps, &first, &mut reported);
 
     dp.remove_stale_link_pins();
     let monitor = LinkMonitor::open().map_err(|e| anyhow::anyhow!("netlink link monitor: {e}"))?;
@@ -136,25 +245,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             "no matching device yet"
         );
     }
-    info!(devices = ?devices, manifests = %cli.manifests.display(), "lb-agent ready");
+    let from = match &cli.manifests {
+        Some(dir) => dir.display().to_string(),
+        None => "kubernetes".to_owned(),
+    };
+    info!(devices = ?devices, source = %from, node = %node, "lb-agent ready");
 
-    let mut sigterm = signal(SignalKind::terminate())?;
-    let mut sigint = signal(SignalKind::interrupt())?;
-    let mut poll = tokio::time::interval(Duration::from_millis(cli.poll_interval_ms.max(10)));
     let mut device_rescan = tokio::time::interval(Duration::from_secs(2));
     let mut stats_tick = tokio::time::interval(Duration::from_secs(60));
     loop {
         tokio::select! {
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
-            _ = poll.tick() => match dir.rescan() {
-                Ok(Some(scan)) => {
-                    last_scan = scan;
-                    sync(&mut applier, &mut maps, &last_scan, &mut reported);
-                }
-                Ok(None) => {}
-                Err(e) => warn!("{e}"),
-            },
+            scan = source.next() => sync(&mut applier, &mut maps, &scan, &mut reported),
             r = monitor.changed() => {
                 if let Err(e) = r {
                     warn!(error = %e, "link monitor failed; relying on periodic rescans");
@@ -178,7 +281,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 fn sync(
     applier: &mut Applier,
     maps: &mut datapath::BpfMaps,
-    scan: &lb_agent::manifests::Scan,
+    scan: &Scan,
     reported: &mut BTreeSet<String>,
 ) {
     let started = Instant::now();
