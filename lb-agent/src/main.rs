@@ -15,6 +15,7 @@ use lb_agent::{
     kube_source,
     manifests::{ManifestDir, Scan},
     model,
+    state::{ChangedKeys, DesiredCache},
 };
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
@@ -220,12 +221,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let mut dp = Datapath::load(&cli.bpffs_root, cli.ebpf_object.as_deref())?;
     let mut maps = dp.service_maps()?;
     let metrics = dp.metrics()?;
-    let mut applier = Applier::adopt(&maps)?;
+    let applier = Applier::adopt(&maps)?;
 
     // First sync before attaching to new devices: packets that reach the programs always
     // see a complete table (after a restart, the adopted one until this sync lands). For
     // the API that is after both initial lists, however long they take.
-    let mut reported = BTreeSet::new();
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let first = tokio::select! {
@@ -233,7 +233,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         _ = sigterm.recv() => return Ok(()),
         _ = sigint.recv() => return Ok(()),
     };
-    sync(&mut applier, &mut maps, &first, &mut reported);
+    let mut syncer = Syncer::new(applier);
+    syncer.sync(first, &mut maps);
 
     dp.remove_stale_link_pins();
     let monitor = LinkMonitor::open().map_err(|e| anyhow::anyhow!("netlink link monitor: {e}"))?;
@@ -257,7 +258,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         tokio::select! {
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
-            scan = source.next() => sync(&mut applier, &mut maps, &scan, &mut reported),
+            scan = source.next() => syncer.sync(scan, &mut maps),
             r = monitor.changed() => {
                 if let Err(e) = r {
                     warn!(error = %e, "link monitor failed; relying on periodic rescans");
@@ -277,31 +278,60 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Recomputes the desired tables from `scan` and applies the difference.
-fn sync(
-    applier: &mut Applier,
-    maps: &mut datapath::BpfMaps,
-    scan: &Scan,
-    reported: &mut BTreeSet<String>,
-) {
-    let started = Instant::now();
-    let desired = model::desired_state(&scan.objects);
-    let mut problems: Vec<String> = scan.problems.iter().map(ToString::to_string).collect();
-    problems.extend(desired.problems.iter().map(ToString::to_string));
-    match applier.sync(&desired, maps) {
-        Ok(stats) => {
-            problems.extend(stats.failed.iter().map(ToString::to_string));
-            info!(
-                services = desired.services.len(),
-                writes = stats.writes,
-                deletes = stats.deletes,
-                micros = started.elapsed().as_micros() as u64,
-                "synced"
-            );
+/// Turns the source's snapshots into map writes. The first sync examines every frontend
+/// (the adopted maps may hold frontends no Service asks for any more); after that, only
+/// the Services whose objects changed are recomputed and only their frontends are diffed
+/// against the maps, so one endpoint change costs a few map writes, not a pass over every
+/// Service.
+struct Syncer {
+    applier: Applier,
+    cache: DesiredCache,
+    last: model::Objects,
+    first_done: bool,
+    reported: BTreeSet<String>,
+}
+
+impl Syncer {
+    fn new(applier: Applier) -> Self {
+        Self {
+            applier,
+            cache: DesiredCache::new(),
+            last: model::Objects::default(),
+            first_done: false,
+            reported: BTreeSet::new(),
         }
-        Err(e) => error!("sync failed: {e}"),
     }
-    report_problems(reported, problems);
+
+    fn sync(&mut self, scan: Scan, maps: &mut datapath::BpfMaps) {
+        let started = Instant::now();
+        let result = if self.first_done {
+            let changed = ChangedKeys::between(&self.last, &scan.objects);
+            let delta = self.cache.update(&scan.objects, &changed);
+            self.applier
+                .sync_frontends(self.cache.services(), delta.frontends(), maps)
+        } else {
+            self.cache = DesiredCache::build(&scan.objects).0;
+            self.first_done = true;
+            self.applier.sync_services(self.cache.services(), maps)
+        };
+        let mut problems: Vec<String> = scan.problems.iter().map(ToString::to_string).collect();
+        problems.extend(self.cache.problems().map(ToString::to_string));
+        match result {
+            Ok(stats) => {
+                problems.extend(stats.failed.iter().map(ToString::to_string));
+                info!(
+                    services = self.cache.services().len(),
+                    writes = stats.writes,
+                    deletes = stats.deletes,
+                    micros = started.elapsed().as_micros() as u64,
+                    "synced"
+                );
+            }
+            Err(e) => error!("sync failed: {e}"),
+        }
+        self.last = scan.objects;
+        report_problems(&mut self.reported, problems);
+    }
 }
 
 /// Logs problems that are new since the last report, and notes the ones that went away,
