@@ -45,7 +45,17 @@ fn be(ip: Ipv4Addr) -> u32 {
 struct Fixture {
     dp: Datapath,
     maps: datapath::BpfMaps,
-    root: PathBuf,
+    _pins: PinDir,
+}
+
+/// A private pin directory under bpffs, removed on drop — including when loading into it
+/// failed half-way.
+struct PinDir(PathBuf);
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 impl Fixture {
@@ -56,10 +66,15 @@ impl Fixture {
             std::process::id(),
             N.fetch_add(1, Ordering::Relaxed)
         ));
+        let pins = PinDir(root.clone());
         datapath::prepare(&root).unwrap_or_else(|e| panic!("prepare {}: {e}", root.display()));
         let mut dp = Datapath::load(&root, None).unwrap_or_else(|e| panic!("load: {e}"));
         let maps = dp.service_maps().expect("service maps");
-        Self { dp, maps, root }
+        Self {
+            dp,
+            maps,
+            _pins: pins,
+        }
     }
 
     /// One TCP+UDP-agnostic frontend with the given backends in slots 1..=n.
@@ -122,12 +137,6 @@ impl Fixture {
             .unwrap_or_else(|e| panic!("test run of {prog}: {e}"));
         out.truncate(res.data_size_out as usize);
         (res.return_value, out)
-    }
-}
-
-impl Drop for Fixture {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.root);
     }
 }
 

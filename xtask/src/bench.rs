@@ -133,22 +133,31 @@ fn sizes_for(n: usize) -> MapSizes {
 struct Loaded {
     dp: Datapath,
     maps: datapath::BpfMaps,
-    root: PathBuf,
+    _pins: PinDir,
+}
+
+/// A private pin directory under bpffs, removed on drop — including when loading into it
+/// failed half-way.
+struct PinDir(PathBuf);
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 impl Loaded {
     fn new(n: usize) -> Result<Self> {
         let root = PathBuf::from(format!("/sys/fs/bpf/lb-bench-{}-{n}", std::process::id()));
+        let pins = PinDir(root.clone());
         datapath::prepare(&root)?;
         let mut dp = Datapath::load_sized(&root, None, &sizes_for(n))?;
         let maps = dp.service_maps()?;
-        Ok(Self { dp, maps, root })
-    }
-}
-
-impl Drop for Loaded {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.root);
+        Ok(Self {
+            dp,
+            maps,
+            _pins: pins,
+        })
     }
 }
 
