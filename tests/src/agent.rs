@@ -6,26 +6,46 @@
 use std::{
     fs,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::Duration,
 };
 
-use crate::{netns::NetNs, topology::NODE_DEVICES, wait_until};
+use crate::{netns::NetNs, process::Proc, topology::NODE_DEVICES, wait_until, workspace_binary};
 
 /// Path of the agent binary: `LB_AGENT_BIN`, or the workspace's release build.
 pub fn agent_binary() -> PathBuf {
     match std::env::var_os("LB_AGENT_BIN") {
         Some(p) => PathBuf::from(p),
-        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/lb-agent"),
+        None => workspace_binary("lb-agent"),
     }
 }
 
-/// A running agent with its manifests directory and its bpffs pin directory.
+/// The agent's pin directory (`--bpffs-root`) for node namespace `node`: unique per test,
+/// as the namespace's name is.
+pub fn pin_root(node: &str) -> PathBuf {
+    PathBuf::from(format!("/sys/fs/bpf/{node}"))
+}
+
+/// The manifests directory of the agent in node namespace `node`.
+pub fn manifests_dir(node: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("{node}-manifests"))
+}
+
+/// The log (stderr) of the agent in node namespace `node`.
+pub fn log_file(node: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("{node}-agent.log"))
+}
+
+/// A running agent with its manifests directory and its bpffs pin directory. Dropping it
+/// stops the agent (SIGTERM, then SIGKILL), prints its log if the test is failing, and
+/// removes the pin directory, the manifests directory and the log.
 pub struct Agent {
-    child: Option<Child>,
+    child: Option<Proc>,
     netns_path: String,
-    /// The manifests directory the agent follows.
+    /// The manifests directory the agent follows (with a kubeconfig: where that file is).
     pub dir: PathBuf,
+    /// The source flags: `--manifests DIR` or `--kubeconfig FILE`.
+    source_args: Vec<String>,
     /// The pin directory (`--bpffs-root`).
     pub root: PathBuf,
     log: PathBuf,
@@ -36,20 +56,42 @@ impl Agent {
     /// Writes `manifests` (file name, content) into a fresh directory and starts an agent
     /// on them in `node`, waiting until it reports ready.
     pub fn start(node: &NetNs, manifests: &[(&str, &str)]) -> Self {
-        let dir = std::env::temp_dir().join(format!("{}-manifests", node.name()));
+        let dir = manifests_dir(node.name());
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).expect("manifests dir");
         let mut agent = Self {
             child: None,
+            source_args: vec!["--manifests".into(), dir.display().to_string()],
             netns_path: node.path(),
-            root: PathBuf::from(format!("/sys/fs/bpf/{}", node.name())),
-            log: std::env::temp_dir().join(format!("{}-agent.log", node.name())),
+            root: pin_root(node.name()),
+            log: log_file(node.name()),
             dir,
             starts: 0,
         };
         for (name, content) in manifests {
             agent.write(name, content);
         }
+        agent.spawn();
+        agent
+    }
+
+    /// Starts an agent in `node` that watches the Kubernetes API described by `kubeconfig`
+    /// (YAML, written to a file in a fresh directory), waiting until it reports ready.
+    pub fn start_with_kubeconfig(node: &NetNs, kubeconfig: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("{}-kube", node.name()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).expect("kubeconfig dir");
+        let file = dir.join("kubeconfig");
+        fs::write(&file, kubeconfig).expect("write kubeconfig");
+        let mut agent = Self {
+            child: None,
+            source_args: vec!["--kubeconfig".into(), file.display().to_string()],
+            netns_path: node.path(),
+            root: pin_root(node.name()),
+            log: log_file(node.name()),
+            dir,
+            starts: 0,
+        };
         agent.spawn();
         agent
     }
@@ -66,20 +108,21 @@ impl Agent {
             "{} is missing: build it with `cargo build --release -p lb-agent`",
             bin.display()
         );
-        let child = Command::new("nsenter")
-            .arg(format!("--net={}", self.netns_path))
-            .arg(&bin)
-            .arg("--manifests")
-            .arg(&self.dir)
-            .args(["--devices", NODE_DEVICES])
-            .arg("--bpffs-root")
-            .arg(&self.root)
-            .args(["--poll-interval-ms", "100", "--log-level", "info"])
-            .env("NO_COLOR", "1")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn lb-agent");
+        let child = Proc::spawn(
+            Command::new("nsenter")
+                .arg(format!("--net={}", self.netns_path))
+                .arg(&bin)
+                .args(&self.source_args)
+                .args(["--devices", NODE_DEVICES])
+                .arg("--bpffs-root")
+                .arg(&self.root)
+                .args(["--poll-interval-ms", "100", "--log-level", "info"])
+                .env("NO_COLOR", "1")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(log),
+            "lb-agent",
+        );
         self.child = Some(child);
         self.starts += 1;
         let want = self.starts as usize;
@@ -87,7 +130,7 @@ impl Agent {
         let mut exited = None;
         wait_until("the agent to report ready", Duration::from_secs(15), || {
             if let Some(c) = self.child.as_mut()
-                && let Ok(Some(status)) = c.try_wait()
+                && let Some(status) = c.exited()
             {
                 exited = Some(status);
                 return true;
@@ -135,9 +178,26 @@ impl Agent {
     /// Kills the agent with SIGKILL, as a crash or an OOM kill would; pins stay.
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
+            c.kill();
         }
+    }
+
+    /// The agent's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Proc::id)
+    }
+
+    /// Path of the agent's log (its stderr, over all its runs).
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
+    /// Leaves the agent running, with its manifests, log and pins, after this guard is gone
+    /// (`cargo xtask demo --keep`); returns its pid.
+    pub fn persist(mut self) -> Option<u32> {
+        let pid = self.child.take().map(Proc::persist);
+        std::mem::forget(self);
+        pid
     }
 
     /// Starts the agent again on the same manifests and pin directory.
@@ -152,19 +212,9 @@ impl Agent {
     }
 
     fn stop(&mut self) {
-        let Some(mut c) = self.child.take() else {
-            return;
-        };
-        // SAFETY: plain kill(2) on our child.
-        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-        for _ in 0..150 {
-            if let Ok(Some(_)) = c.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        if let Some(mut c) = self.child.take() {
+            c.terminate(Duration::from_secs(3));
         }
-        let _ = c.kill();
-        let _ = c.wait();
     }
 }
 

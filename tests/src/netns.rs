@@ -1,12 +1,14 @@
 //! Network namespaces: RAII guards, commands inside them, and code run inside them.
 use std::{
     fs::File,
+    mem::ManuallyDrop,
     os::fd::AsRawFd,
     process::{Command, Output},
     sync::atomic::{AtomicU32, Ordering},
 };
 
-/// A named network namespace (`/run/netns/NAME`), deleted on drop.
+/// A named network namespace (`/run/netns/NAME`), deleted on drop (also when a test
+/// panics), and with it every interface inside it.
 #[derive(Debug)]
 pub struct NetNs {
     name: String,
@@ -14,13 +16,15 @@ pub struct NetNs {
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
-/// A short prefix unique to this test process and call, for namespace names.
-pub fn unique_prefix() -> String {
-    format!(
-        "lbt{}x{}",
-        std::process::id() % 100_000,
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    )
+/// A number unique within this process: one per fixture (topology) built.
+pub fn next_id() -> u32 {
+    COUNTER.fetch_add(1, Ordering::Relaxed)
+}
+
+/// `lbt-<pid>-<n>`: a name prefix unique to this process and fixture number `n`, so that
+/// concurrent test runs never share a namespace or a pin directory.
+pub fn unique_prefix(n: u32) -> String {
+    format!("lbt-{}-{n}", std::process::id())
 }
 
 impl NetNs {
@@ -45,24 +49,18 @@ impl NetNs {
     }
 
     /// Runs `ip -n NAME ARGS`, panicking on failure.
-    pub fn ip(&self, args: &[&str]) {
-        run(Command::new("ip").arg("-n").arg(&self.name).args(args));
-    }
-
-    /// Runs a command inside the namespace, panicking on failure.
-    pub fn exec(&self, program: &str, args: &[&str]) -> Output {
-        run(Command::new("ip")
-            .args(["netns", "exec", &self.name, program])
-            .args(args))
+    pub fn ip(&self, args: &[&str]) -> Output {
+        run(Command::new("ip").arg("-n").arg(&self.name).args(args))
     }
 
     /// Sets a sysctl inside the namespace.
     pub fn sysctl(&self, key_value: &str) {
-        self.exec("sysctl", &["-qw", key_value]);
+        run_in(self, &["sysctl", "-qw", key_value]);
     }
 
     /// Runs `f` on a thread that has entered this network namespace, and returns its
-    /// result. Sockets created by `f` belong to this namespace for their whole life.
+    /// result. Sockets created by `f` belong to this namespace for their whole life, even
+    /// when they are used from other threads afterwards.
     pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
         let path = self.path();
         std::thread::spawn(move || {
@@ -71,6 +69,20 @@ impl NetNs {
         })
         .join()
         .unwrap_or_else(|e| std::panic::resume_unwind(e))
+    }
+
+    /// Leaves the namespace in place after this guard is gone (`cargo xtask demo --keep`);
+    /// returns its name.
+    pub fn persist(self) -> String {
+        ManuallyDrop::new(self).name.clone()
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
     }
 }
 
@@ -82,12 +94,17 @@ pub fn enter(path: &str) {
     assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
 }
 
-impl Drop for NetNs {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .output();
-    }
+/// `ip netns exec NAME ARGV...`, ready to be run or spawned. (It also gives the command a
+/// private /sys; see `agent.rs` for why the agent is started differently.)
+pub fn command_in(ns: &NetNs, argv: &[&str]) -> Command {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", &ns.name]).args(argv);
+    cmd
+}
+
+/// Runs `argv` inside `ns` (`ip netns exec`), panicking with its output on failure.
+pub fn run_in(ns: &NetNs, argv: &[&str]) -> Output {
+    run(&mut command_in(ns, argv))
 }
 
 /// Runs a command and panics with its output if it fails.

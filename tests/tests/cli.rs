@@ -30,6 +30,8 @@ fn help_documents_every_flag() {
         "--poll-interval-ms",
         "--dry-run",
         "--log-level",
+        "--kubeconfig",
+        "--hostname-override",
     ] {
         assert!(
             help.contains(flag),
@@ -48,6 +50,23 @@ fn unreadable_manifests_directory_is_one_clear_line() {
         lines[0].contains(
             "cannot read manifests directory /nonexistent/lb-dir: No such file or directory"
         ),
+        "{err}"
+    );
+}
+
+#[test]
+fn unreadable_kubeconfig_is_one_clear_line() {
+    let (ok, err) = agent(&[
+        "--kubeconfig",
+        "/nonexistent/lb-kubeconfig",
+        "--devices",
+        "lbc*",
+    ]);
+    assert!(!ok);
+    let lines: Vec<&str> = err.lines().filter(|l| l.contains("ERROR")).collect();
+    assert_eq!(lines.len(), 1, "{err}");
+    assert!(
+        lines[0].contains("cannot use kubeconfig /nonexistent/lb-kubeconfig"),
         "{err}"
     );
 }

@@ -287,11 +287,12 @@ struct ControlRow {
     rss_mib: f64,
 }
 
-fn rss_mib() -> f64 {
+/// Peak resident memory of this process (`VmHWM`), in MiB.
+fn peak_rss_mib() -> f64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix("VmHWM:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
         .map_or(f64::NAN, |kb| kb / 1024.0)
 }
@@ -318,7 +319,6 @@ fn control_plane(plan: &Plan) -> Result<Vec<ControlRow>> {
             stats.failed.first()
         );
         drop(desired);
-        let rss = rss_mib();
         // One endpoint of one Service moves to a new address: from the changed objects to
         // the maps, as the agent does it. Changes alternate between the incremental path
         // (snapshot diff, cache update, sync of the changed frontends) and the full one
@@ -364,7 +364,80 @@ fn control_plane(plan: &Plan) -> Result<Vec<ControlRow>> {
             diff_p50_ms: summary(diffs).0,
             full_change_ms: summary(full),
             change_writes,
-            rss_mib: rss,
+            rss_mib: peak_rss_mib(),
+        });
+    }
+    Ok(rows)
+}
+
+/// Hidden entry point: measures one control-plane size in this (child) process and prints
+/// the row as JSON, so that the memory figure belongs to that size alone.
+pub fn control_one(services: usize, changes: usize) -> Result<()> {
+    let plan = Plan {
+        datapath_sizes: Vec::new(),
+        control_sizes: vec![services],
+        runs: 0,
+        changes,
+    };
+    let r = control_plane(&plan)?.pop().context("no row")?;
+    println!(
+        "{}",
+        json!([
+            r.services,
+            r.model_ms,
+            r.cache_ms,
+            r.apply_ms,
+            r.writes,
+            r.change_ms.0,
+            r.change_ms.1,
+            r.diff_p50_ms,
+            r.full_change_ms.0,
+            r.full_change_ms.1,
+            r.change_writes,
+            r.rss_mib
+        ])
+    );
+    Ok(())
+}
+
+/// Each size in a child process (`xtask bench-control-one`), for a clean memory figure.
+fn control_plane_isolated(plan: &Plan) -> Result<Vec<ControlRow>> {
+    let exe = std::env::current_exe()?;
+    let mut rows = Vec::new();
+    for &n in &plan.control_sizes {
+        let out = std::process::Command::new(&exe)
+            .args([
+                "bench-control-one",
+                "--services",
+                &n.to_string(),
+                "--changes",
+                &plan.changes.to_string(),
+            ])
+            .stderr(std::process::Stdio::inherit())
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "control-plane run for {n} Services failed"
+        );
+        let text = String::from_utf8_lossy(&out.stdout);
+        let line = text.lines().last().context("no output")?;
+        let v: Vec<serde_json::Value> = serde_json::from_str(line)?;
+        let f = |i: usize| {
+            v.get(i)
+                .and_then(serde_json::Value::as_f64)
+                .unwrap_or(f64::NAN)
+        };
+        rows.push(ControlRow {
+            services: f(0) as usize,
+            model_ms: f(1),
+            cache_ms: f(2),
+            apply_ms: f(3),
+            writes: f(4) as usize,
+            change_ms: (f(5), f(6)),
+            diff_p50_ms: f(7),
+            full_change_ms: (f(8), f(9)),
+            change_writes: f(10) as usize,
+            rss_mib: f(11),
         });
     }
     Ok(rows)
@@ -418,14 +491,14 @@ pub fn run(plan: &Plan, out: &std::path::Path) -> Result<String> {
             }
         }
     }
-    let cp_rows = control_plane(plan)?;
+    let cp_rows = control_plane_isolated(plan)?;
     writeln!(
         md,
         "\n## Control plane (Services x {ENDPOINTS} endpoints, real BPF maps)\n"
     )?;
     writeln!(
         md,
-        "| Services | desired state ms | cache build ms | initial sync to maps ms | map writes | one change p50 ms | one change p99 ms | of which snapshot diff p50 ms | full recompute p50 ms | full recompute p99 ms | writes per change | agent RSS MiB |"
+        "| Services | desired state ms | cache build ms | initial sync to maps ms | map writes | one change p50 ms | one change p99 ms | of which snapshot diff p50 ms | full recompute p50 ms | full recompute p99 ms | writes per change | peak RSS MiB |"
     )?;
     writeln!(
         md,

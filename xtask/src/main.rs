@@ -1,13 +1,11 @@
 //! Developer tasks: `cargo xtask test` (the whole suite), `cargo xtask demo` and
 //! `cargo xtask bench`.
 mod bench;
+mod demo;
 
 use std::{
-    collections::BTreeMap,
-    io::{BufRead, BufReader},
-    net::{Ipv4Addr, SocketAddr, TcpStream},
     path::{Path, PathBuf},
-    process::Command,
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
@@ -23,17 +21,27 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Run the whole test suite: formatting, lints, build, unit tests, BPF packet tests
-    /// and end-to-end tests in network namespaces (needs root).
+    /// Run the whole test suite: formatting, lints, build, unit and BPF packet tests, the
+    /// end-to-end tests in network namespaces and the benchmark in quick mode (needs root).
+    /// Every stage runs even when an earlier one failed (except after a failed build);
+    /// a summary follows, and the exit status is non-zero if anything failed.
     Test {
-        /// Extra arguments for the end-to-end test binary (e.g. a test name filter).
+        /// Extra arguments for each end-to-end test binary, after `--` (e.g. a test name
+        /// filter: `cargo xtask test -- udp_flow`).
         #[arg(last = true)]
         e2e_args: Vec<String>,
     },
-    /// Bring up a client, a node running lb-agent on examples/demo, and three pods, all in
+    /// Bring up a client, a node running lb-agent on examples/demo and three pods, all in
     /// network namespaces; send requests through the ClusterIP, edit the manifests live,
-    /// and tear everything down (needs root).
-    Demo,
+    /// and tear everything down, also on Ctrl-C or failure (needs root).
+    Demo {
+        /// Leave the demo running and print how to poke at it and how to tear it down.
+        #[arg(long, conflicts_with = "down")]
+        keep: bool,
+        /// Tear down a demo left running by `--keep`.
+        #[arg(long)]
+        down: bool,
+    },
     /// Measure the datapath's cost per packet (BPF_PROG_TEST_RUN) and the control plane's
     /// sync and change latency against the real maps; writes results/bench.md (needs root).
     Bench {
@@ -41,12 +49,28 @@ enum Task {
         #[arg(long)]
         quick: bool,
     },
+    /// One control-plane size of the benchmark, in a process of its own (run by `bench`).
+    #[command(hide = true)]
+    BenchControlOne {
+        /// Number of Services.
+        #[arg(long)]
+        services: usize,
+        /// Number of endpoint changes to time.
+        #[arg(long)]
+        changes: usize,
+    },
 }
 
 fn main() -> Result<()> {
     match Cli::parse().task {
         Task::Test { e2e_args } => test(&e2e_args),
-        Task::Demo => demo(),
+        Task::Demo { keep, down } => {
+            if down {
+                demo::down()
+            } else {
+                demo::run(keep)
+            }
+        }
         Task::Bench { quick } => {
             if !tests::is_root() {
                 bail!("the benchmark loads BPF programs: run it as root");
@@ -65,9 +89,11 @@ fn main() -> Result<()> {
             println!("\n{report}\nwritten to {file}");
             Ok(())
         }
+        Task::BenchControlOne { services, changes } => bench::control_one(services, changes),
     }
 }
 
+/// The workspace root.
 fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
@@ -75,175 +101,215 @@ fn workspace() -> PathBuf {
         .to_path_buf()
 }
 
-/// Runs `program args` in the workspace with `env`, echoing the command; returns whether
+/// `program args` in the workspace root with `env` added, echoed as `$ ENV program ARGS`
+/// before it runs. Every command that does a task's work goes through here (read-only
+/// queries such as `ip netns list` are not echoed).
+fn command(program: &str, args: &[&str], env: &[(&str, &str)]) -> Command {
+    let shown: Vec<String> = env
+        .iter()
+        .map(|(k, v)| format!("{k}={v} "))
+        .chain([program.to_owned()])
+        .chain(args.iter().map(|a| format!(" {a}")))
+        .collect();
+    println!("\n$ {}", shown.concat());
+    let mut cmd = Command::new(program);
+    cmd.args(args)
+        .envs(env.iter().copied())
+        .current_dir(workspace());
+    cmd
+}
+
+/// Runs `program args` (see [`command`]) with the terminal as its stdio; returns whether
 /// it succeeded.
 fn exec(program: &str, args: &[&str], env: &[(&str, &str)]) -> Result<bool> {
-    let shown: Vec<String> = env.iter().map(|(k, v)| format!("{k}={v}")).collect();
-    println!("\n$ {} {program} {}", shown.join(" "), args.join(" "));
-    let status = Command::new(program)
-        .args(args)
-        .envs(env.iter().copied())
-        .current_dir(workspace())
+    let status = command(program, args, env)
         .status()
         .with_context(|| format!("cannot run {program}"))?;
     Ok(status.success())
 }
 
-fn has_cargo_tool(tool: &str) -> bool {
-    Command::new("cargo")
-        .args([tool, "--version"])
-        .output()
-        .is_ok_and(|o| o.status.success())
-}
-
-/// The stages of a run and how each went; every stage runs, failures are gathered.
+/// The stages of a run and how each went; failures are gathered, not fatal.
 #[derive(Default)]
-struct Stages(Vec<(&'static str, &'static str, Duration)>);
+struct Stages(Vec<(String, Result<(), String>, Duration)>);
 
 impl Stages {
-    fn run(&mut self, name: &'static str, args: &[&str]) -> Result<bool> {
+    /// Runs one stage through [`exec`] and records it.
+    fn run(&mut self, name: &str, program: &str, args: &[&str], env: &[(&str, &str)]) -> bool {
         let started = Instant::now();
-        let ok = exec("cargo", args, &[])?;
+        let result = match exec(program, args, env) {
+            Ok(true) => Ok(()),
+            Ok(false) => Err("FAILED".to_owned()),
+            Err(e) => Err(format!("FAILED: {e:#}")),
+        };
+        let ok = result.is_ok();
+        self.0.push((name.to_owned(), result, started.elapsed()));
+        ok
+    }
+
+    /// Records a stage that could not run.
+    fn fail(&mut self, name: &str, why: &str) {
         self.0.push((
-            name,
-            if ok { "passed" } else { "FAILED" },
-            started.elapsed(),
+            name.to_owned(),
+            Err(format!("FAILED: {why}")),
+            Duration::ZERO,
         ));
-        Ok(ok)
+    }
+
+    /// Prints the summary table; returns the number of failed stages.
+    fn summary(&self) -> usize {
+        println!("\n{:<34} {:>8}  result", "stage", "seconds");
+        for (name, result, took) in &self.0 {
+            let result = match result {
+                Ok(()) => "passed",
+                Err(e) => e.as_str(),
+            };
+            println!("{name:<34} {:>8.1}  {result}", took.as_secs_f64());
+        }
+        self.0.iter().filter(|(_, r, _)| r.is_err()).count()
     }
 }
 
 fn test(e2e_args: &[String]) -> Result<()> {
     let mut stages = Stages::default();
-    if has_cargo_tool("fmt") {
-        stages.run("format", &["fmt", "--all", "--", "--check"])?;
-    } else {
-        println!("\ncargo fmt is not installed: formatting not checked");
-    }
-    if has_cargo_tool("clippy") {
-        stages.run(
+    stages.run("format", "cargo", &["fmt", "--all", "--check"], &[]);
+    // AYA_BUILD_SKIP: lints need no BPF toolchain (the agent then embeds no object).
+    stages.run(
+        "clippy",
+        "cargo",
+        &[
             "clippy",
-            &[
-                "clippy",
-                "--release",
-                "--workspace",
-                "--exclude",
-                "lb-ebpf",
-                "--all-targets",
-                "--",
-                "-D",
-                "warnings",
-            ],
-        )?;
-    } else {
-        println!("\ncargo clippy is not installed: lints not checked");
-    }
+            "--workspace",
+            "--exclude",
+            "lb-ebpf",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ],
+        &[("AYA_BUILD_SKIP", "1")],
+    );
     let built = stages.run(
-        "build",
-        &["build", "--release", "--workspace", "--exclude", "lb-ebpf"],
-    )?;
+        "build lb-agent (release)",
+        "cargo",
+        &["build", "--release", "-p", "lb-agent"],
+        &[],
+    );
     if built {
-        if !tests::is_root() {
-            println!(
-                "\nthe BPF packet tests and the end-to-end tests need root: run `cargo xtask test` as root"
-            );
-            stages.0.push(("root", "FAILED (not root)", Duration::ZERO));
-        }
-        // Unit tests, and the BPF_PROG_TEST_RUN packet tests in lb-agent/tests.
+        // Unit tests, the watch-path tests against the fake apiserver, and the
+        // BPF_PROG_TEST_RUN packet tests in lb-agent/tests (those need root too).
         stages.run(
             "unit + packet tests",
+            "cargo",
             &[
                 "test",
-                "--release",
                 "--workspace",
                 "--exclude",
                 "lb-ebpf",
                 "--exclude",
                 "tests",
             ],
-        )?;
-        let mut args: Vec<&str> =
-            vec!["test", "--release", "-p", "tests", "--", "--test-threads=1"];
-        args.extend(e2e_args.iter().map(String::as_str));
-        stages.run("end-to-end tests", &args)?;
+            &[],
+        );
+        end_to_end(&mut stages, e2e_args);
         // The benchmark harness in quick mode, so that it cannot rot.
-        stages.run(
-            "benchmark (quick)",
-            &["run", "--release", "-p", "xtask", "--", "bench", "--quick"],
-        )?;
+        if tests::is_root() {
+            stages.run(
+                "benchmark (quick)",
+                "cargo",
+                &["run", "--release", "-p", "xtask", "--", "bench", "--quick"],
+                &[],
+            );
+        } else {
+            stages.fail(
+                "benchmark (quick)",
+                "not root: run `cargo xtask test` as root",
+            );
+        }
     }
-    println!("\n{:<22} {:<20} {:>8}", "stage", "result", "seconds");
-    for (name, result, took) in &stages.0 {
-        println!("{name:<22} {result:<20} {:>8.1}", took.as_secs_f64());
-    }
-    let failed = stages.0.iter().filter(|(_, r, _)| *r != "passed").count();
+    let failed = stages.summary();
+    println!(
+        "\nstages: {} passed, {failed} failed",
+        stages.0.len() - failed
+    );
     if failed > 0 {
-        bail!("{failed} stage(s) failed");
+        bail!("the test suite failed");
     }
-    println!("\nall stages passed");
     Ok(())
 }
 
-fn demo() -> Result<()> {
+/// The privileged tests of the `tests` crate: built once with `--message-format=json`,
+/// then each test binary run on its own (one stage each) with `--test-threads=1`, since
+/// the tests share the machine's bpffs and CPU.
+fn end_to_end(stages: &mut Stages, e2e_args: &[String]) {
+    const STAGE: &str = "end-to-end tests";
     if !tests::is_root() {
-        bail!("the demo creates network namespaces and loads BPF programs: run it as root");
+        println!(
+            "\nthe end-to-end tests create network namespaces and load BPF programs: run `cargo xtask test` as root"
+        );
+        stages.fail(STAGE, "not root: run `cargo xtask test` as root");
+        return;
     }
-    if !exec("cargo", &["build", "--release", "-p", "lb-agent"], &[])? {
-        bail!("building lb-agent failed");
-    }
-    let manifests = std::fs::read_to_string(workspace().join("examples/demo/web.yaml"))?;
-    println!(
-        "\nbuilding the topology: client 10.200.1.2 -> node (lb-agent) -> pods 10.201.{{1,2,3}}.2"
-    );
-    let topo = tests::topology::Topology::new(1, 3);
-    let _servers: Vec<_> = topo
-        .pods
-        .iter()
-        .enumerate()
-        .map(|(i, pod)| tests::servers::tcp(&pod.ns, &format!("pod-{}", i + 1), 8080))
-        .collect();
-    let agent = tests::agent::Agent::start(&topo.node, &[("web.yaml", &manifests)]);
-    println!(
-        "lb-agent is running in namespace {} with examples/demo/web.yaml",
-        topo.node.name()
-    );
-
-    let client = &topo.clients[0];
-    let ask = |n: usize| -> Result<BTreeMap<String, usize>> {
-        let mut hits = BTreeMap::new();
-        for _ in 0..n {
-            let pod = client.ns.run(|| -> std::io::Result<String> {
-                let s = TcpStream::connect_timeout(
-                    &SocketAddr::from((Ipv4Addr::new(10, 96, 0, 10), 80)),
-                    Duration::from_secs(3),
-                )?;
-                let mut line = String::new();
-                BufReader::new(s).read_line(&mut line)?;
-                Ok(line.trim().to_owned())
-            })?;
-            *hits
-                .entry(pod.split_whitespace().next().unwrap_or_default().to_owned())
-                .or_default() += 1;
+    let started = Instant::now();
+    let output = command(
+        "cargo",
+        &[
+            "test",
+            "--release",
+            "-p",
+            "tests",
+            "--no-run",
+            "--message-format=json-render-diagnostics",
+        ],
+        &[],
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::inherit())
+    .output();
+    let binaries = match output {
+        Ok(out) if out.status.success() => test_binaries(&out.stdout),
+        Ok(_) => {
+            stages.0.push((
+                format!("{STAGE}: build"),
+                Err("FAILED".into()),
+                started.elapsed(),
+            ));
+            return;
         }
-        Ok(hits)
+        Err(e) => {
+            stages.fail(
+                &format!("{STAGE}: build"),
+                &format!("cannot run cargo: {e}"),
+            );
+            return;
+        }
     };
-    let first = client.ns.run(|| -> std::io::Result<String> {
-        let s = TcpStream::connect((Ipv4Addr::new(10, 96, 0, 10), 80))?;
-        let mut line = String::new();
-        BufReader::new(s).read_line(&mut line)?;
-        Ok(line.trim().to_owned())
-    })?;
-    println!(
-        "\n$ connect 10.96.0.10:80 from the client\n  answered: \"{first}\" (pod name, and the client address the pod saw)"
-    );
-    println!("\n30 connections to 10.96.0.10:80: {:?}", ask(30)?);
-    println!("\nediting the manifests live: pod-3 (10.201.3.2) leaves the EndpointSlice");
-    let edited = manifests.replace(
-        "- addresses: [\"10.201.3.2\"]\n  conditions: {ready: true}\n",
-        "",
-    );
-    agent.change(|a| a.write("web.yaml", &edited));
-    println!("30 connections to 10.96.0.10:80: {:?}", ask(30)?);
-    println!("\ntearing down (agent, pods, namespaces, pins)");
-    Ok(())
+    if binaries.is_empty() {
+        stages.fail(STAGE, "cargo built no test binary");
+        return;
+    }
+    for (name, path) in binaries {
+        let mut args = vec!["--test-threads=1"];
+        args.extend(e2e_args.iter().map(String::as_str));
+        stages.run(&format!("{STAGE}: {name}"), &path, &args, &[]);
+    }
+}
+
+/// (target name, executable) of every test binary in cargo's JSON messages; targets other
+/// than integration tests are named with their kind (`tests (lib)`, `lbt-server (bin)`).
+fn test_binaries(json: &[u8]) -> Vec<(String, String)> {
+    String::from_utf8_lossy(json)
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|m| m["reason"] == "compiler-artifact" && m["profile"]["test"] == true)
+        .filter_map(|m| {
+            let name = m["target"]["name"].as_str()?;
+            let kind = m["target"]["kind"][0].as_str().unwrap_or("test");
+            let name = if kind == "test" {
+                name.to_owned()
+            } else {
+                format!("{name} ({kind})")
+            };
+            Some((name, m["executable"].as_str()?.to_owned()))
+        })
+        .collect()
 }
