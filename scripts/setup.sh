@@ -19,10 +19,17 @@ fi
 # - iproute2, iptables, procps (sysctl), util-linux (nsenter, setpriv): the end-to-end
 #   tests' namespaces, veths, FORWARD rule and agent launches;
 # - bpftool, nftables, socat, ethtool: for looking at the datapath and its traffic by hand;
-# - python3, ca-certificates: general tooling the build and the registries expect.
+# - python3, ca-certificates: general tooling the build and the registries expect;
+# - fonts-dejavu-core: the font `cargo xtask bench` draws its PNG plots' text with
+#   (nftables and iptables, with its legacy backend, serve the benchmark's kube-proxy
+#   variants);
+# - qemu-system-x86, busybox-static, cpio: `cargo xtask vm`, which boots Debian's 6.1
+#   kernel (fetched by its first run with `apt-get download` into target/vm, never
+#   installed) with a small initramfs and runs the smoke test in it.
 PACKAGES=(rustc-web cargo-web libstd-rust-web-dev-bpf llvm-22-dev gcc
           iproute2 iptables procps util-linux
-          bpftool nftables socat ethtool python3 ca-certificates)
+          bpftool nftables socat ethtool python3 ca-certificates fonts-dejavu-core
+          qemu-system-x86 busybox-static cpio)
 missing() {
     local p
     for p in "$@"; do

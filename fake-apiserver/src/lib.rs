@@ -14,13 +14,20 @@
 //!   `Expired` for a resourceVersion below the compaction floor;
 //! - `labelSelector` (`=`, `==`, `!=`, exists, `!`exists; comma means AND) and
 //!   `fieldSelector` on `metadata.name` / `metadata.namespace`;
-//! - legacy discovery (`/api`, `/api/v1`, `/apis`, `/apis/discovery.k8s.io/v1`) and
-//!   `/version`.
+//! - legacy discovery (`/api`, `/api/v1`, `/apis`, `/apis/discovery.k8s.io/v1`, with
+//!   short names) and `/version`;
+//! - writes over HTTP, enough for `kubectl create`, `apply` (client-side and
+//!   `--server-side`), `replace`, `patch`, `label` and `delete` (with `--validate=false`:
+//!   no OpenAPI is served): POST, PUT (with resourceVersion conflicts), DELETE, and PATCH
+//!   as JSON merge patch (RFC 7386), strategic merge patch approximated by a merge patch
+//!   whose `$` directives are dropped (lists are replaced whole), and server-side apply
+//!   for a single field manager (the applied object replaces the stored one).
 //!
 //! Tests change objects through [`FakeApiServer::upsert`] and [`FakeApiServer::delete`]
-//! (there are no HTTP writes yet; the agent only reads) and inject faults with
-//! [`FakeApiServer::fail_next`], [`FakeApiServer::compact`] and
-//! [`FakeApiServer::disconnect_watches`].
+//! (or over HTTP) and inject faults with [`FakeApiServer::fail_next`],
+//! [`FakeApiServer::throttle_next`], [`FakeApiServer::stall_watches`],
+//! [`FakeApiServer::compact`], [`FakeApiServer::disconnect_watches`] and
+//! [`FakeApiServer::set_unavailable`].
 use std::{
     collections::{BTreeMap, VecDeque},
     convert::Infallible,
@@ -33,7 +40,7 @@ use axum::{
     Router,
     body::{Body, Bytes},
     extract::{RawQuery, State},
-    http::{Method, StatusCode, Uri, header},
+    http::{HeaderMap, Method, StatusCode, Uri, header},
     response::{IntoResponse, Response},
 };
 use serde_json::{Value, json};
@@ -135,6 +142,10 @@ struct Store {
     compacted_below: u64,
     /// The next this many resource requests fail with 500.
     fail_next: u32,
+    /// The next this many resource requests are throttled: 429 with `Retry-After: 1`.
+    throttle_next: u32,
+    /// Every request fails with 503 (an apiserver that is down or unreachable).
+    unavailable: bool,
     requests: Vec<String>,
 }
 
@@ -144,6 +155,9 @@ struct Shared {
     /// Bumped by [`FakeApiServer::disconnect_watches`]; every open watch ends when it
     /// changes.
     disconnects: watch::Sender<u64>,
+    /// While `true`, open watches deliver nothing (no events, no bookmarks) and stay
+    /// open: a stalled stream, as behind a stuck proxy.
+    stalled: watch::Sender<bool>,
 }
 
 impl Shared {
@@ -151,6 +165,93 @@ impl Shared {
         // A test that panicked while holding the lock has failed already; the state is
         // still consistent enough to serve the remaining requests.
         self.store.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Stores `object` as `resource` `namespace`/`name` (creating or replacing it),
+    /// stamping the server-owned fields; returns the stored object.
+    fn put(
+        &self,
+        store: &mut Store,
+        resource: &'static Resource,
+        namespace: &str,
+        name: &str,
+        mut object: Value,
+    ) -> Value {
+        store.rv += 1;
+        let rv = store.rv;
+        let key = (resource.plural, namespace.to_owned(), name.to_owned());
+        let previous = store.objects.get(&key).cloned();
+        let uid = match &previous {
+            Some(p) => p["metadata"]["uid"].clone(),
+            None => json!(format!("fake-uid-{rv}")),
+        };
+        object["apiVersion"] = json!(resource.group_version);
+        object["kind"] = json!(resource.kind);
+        let meta = &mut object["metadata"];
+        meta["name"] = json!(name);
+        if resource.namespaced {
+            meta["namespace"] = json!(namespace);
+        }
+        meta["uid"] = uid;
+        meta["resourceVersion"] = json!(rv.to_string());
+        meta["creationTimestamp"] = json!(CREATION_TIMESTAMP);
+        store.objects.insert(key, object.clone());
+        let kind = if previous.is_some() {
+            "MODIFIED"
+        } else {
+            "ADDED"
+        };
+        self.record(
+            store,
+            Change {
+                rv,
+                plural: resource.plural,
+                kind,
+                object: object.clone(),
+                previous,
+            },
+        );
+        object
+    }
+
+    /// Deletes an object; returns its last state (at the deletion's RV) if it existed.
+    fn remove(
+        &self,
+        store: &mut Store,
+        resource: &'static Resource,
+        namespace: &str,
+        name: &str,
+    ) -> Option<Value> {
+        let key = (resource.plural, namespace.to_owned(), name.to_owned());
+        let previous = store.objects.remove(&key)?;
+        store.rv += 1;
+        let rv = store.rv;
+        // The DELETED event carries the object's last state at the deletion's RV.
+        let mut object = previous.clone();
+        object["metadata"]["resourceVersion"] = json!(rv.to_string());
+        self.record(
+            store,
+            Change {
+                rv,
+                plural: resource.plural,
+                kind: "DELETED",
+                object: object.clone(),
+                previous: Some(previous),
+            },
+        );
+        Some(object)
+    }
+
+    fn record(&self, store: &mut Store, change: Change) {
+        if store.history.len() == HISTORY_LIMIT
+            && let Some(oldest) = store.history.pop_front()
+        {
+            store.compacted_below = oldest.rv;
+        }
+        store.history.push_back(change.clone());
+        // Sent under the lock, so that a watch that subscribes under the lock sees every
+        // change after its snapshot exactly once. No receiver is not an error.
+        let _ = self.changes.send(change);
     }
 }
 
@@ -186,10 +287,12 @@ impl FakeApiServer {
     fn serve(listener: tokio::net::TcpListener) -> std::io::Result<Self> {
         let (changes, _) = broadcast::channel(HISTORY_LIMIT);
         let (disconnects, _) = watch::channel(0);
+        let (stalled, _) = watch::channel(false);
         let shared = Arc::new(Shared {
             store: Mutex::new(Store::default()),
             changes,
             disconnects,
+            stalled,
         });
         let addr = listener.local_addr()?;
         let app = Router::new().fallback(handle).with_state(shared.clone());
@@ -220,7 +323,7 @@ impl FakeApiServer {
     /// Creates or replaces an object (JSON with `apiVersion`, `kind` and
     /// `metadata.name`; `metadata.namespace` defaults to `default` for namespaced kinds).
     /// Returns the resourceVersion given to it.
-    pub fn upsert(&self, mut object: Value) -> Result<u64, UpsertError> {
+    pub fn upsert(&self, object: Value) -> Result<u64, UpsertError> {
         let kind = object["kind"]
             .as_str()
             .ok_or_else(|| UpsertError::Invalid("no kind".into()))?;
@@ -231,46 +334,17 @@ impl FakeApiServer {
             .ok_or_else(|| UpsertError::Invalid("no metadata.name".into()))?
             .to_owned();
         let namespace = if resource.namespaced {
-            let ns = object["metadata"]["namespace"]
+            object["metadata"]["namespace"]
                 .as_str()
-                .unwrap_or("default");
-            let ns = ns.to_owned();
-            object["metadata"]["namespace"] = json!(ns);
-            ns
+                .unwrap_or("default")
+                .to_owned()
         } else {
             String::new()
         };
         let mut store = self.shared.lock();
-        store.rv += 1;
-        let rv = store.rv;
-        let key = (resource.plural, namespace, name);
-        let previous = store.objects.get(&key).cloned();
-        let uid = match &previous {
-            Some(p) => p["metadata"]["uid"].clone(),
-            None => json!(format!("fake-uid-{rv}")),
-        };
-        object["apiVersion"] = json!(resource.group_version);
-        let meta = &mut object["metadata"];
-        meta["uid"] = uid;
-        meta["resourceVersion"] = json!(rv.to_string());
-        meta["creationTimestamp"] = json!(CREATION_TIMESTAMP);
-        store.objects.insert(key, object.clone());
-        let kind = if previous.is_some() {
-            "MODIFIED"
-        } else {
-            "ADDED"
-        };
-        self.record(
-            &mut store,
-            Change {
-                rv,
-                plural: resource.plural,
-                kind,
-                object,
-                previous,
-            },
-        );
-        Ok(rv)
+        self.shared
+            .put(&mut store, resource, &namespace, &name, object);
+        Ok(store.rv)
     }
 
     /// Deletes an object by kind (`Service`, `EndpointSlice`, …), namespace (ignored for
@@ -281,26 +355,9 @@ impl FakeApiServer {
         };
         let namespace = if resource.namespaced { namespace } else { "" };
         let mut store = self.shared.lock();
-        let key = (resource.plural, namespace.to_owned(), name.to_owned());
-        let Some(previous) = store.objects.remove(&key) else {
-            return false;
-        };
-        store.rv += 1;
-        let rv = store.rv;
-        // The DELETED event carries the object's last state at the deletion's RV.
-        let mut object = previous.clone();
-        object["metadata"]["resourceVersion"] = json!(rv.to_string());
-        self.record(
-            &mut store,
-            Change {
-                rv,
-                plural: resource.plural,
-                kind: "DELETED",
-                object,
-                previous: Some(previous),
-            },
-        );
-        true
+        self.shared
+            .remove(&mut store, resource, namespace, name)
+            .is_some()
     }
 
     /// Forgets the event history: watches from any resourceVersion older than the current
@@ -317,10 +374,34 @@ impl FakeApiServer {
         self.shared.lock().fail_next = n;
     }
 
+    /// Makes the next `n` resource requests fail with 429 Too Many Requests and
+    /// `Retry-After: 1`, as an apiserver shedding load (API priority and fairness) does.
+    pub fn throttle_next(&self, n: u32) {
+        self.shared.lock().throttle_next = n;
+    }
+
+    /// Stalls (`true`) or releases (`false`) every watch stream: while stalled, open
+    /// streams stay connected but deliver nothing, bookmarks included; changes made
+    /// meanwhile arrive once released (or through the resume after a disconnect).
+    pub fn stall_watches(&self, stalled: bool) {
+        self.shared.stalled.send_replace(stalled);
+    }
+
     /// Ends every open watch stream, as a restarting apiserver or a dropped connection
     /// does. Clients resume from the last resourceVersion they saw.
     pub fn disconnect_watches(&self) {
         self.shared.disconnects.send_modify(|g| *g += 1);
+    }
+
+    /// Takes the server down (`true`: open watches end, and every request, discovery
+    /// included, fails with 503 until it is back) or brings it back (`false`) with the
+    /// same objects and history. Test-side writes keep working meanwhile, as changes
+    /// made by other clients of a real, unreachable apiserver would.
+    pub fn set_unavailable(&self, unavailable: bool) {
+        self.shared.lock().unavailable = unavailable;
+        if unavailable {
+            self.disconnect_watches();
+        }
     }
 
     /// The requests served so far, as `METHOD path?query`.
@@ -331,18 +412,6 @@ impl FakeApiServer {
     /// The current (latest) resourceVersion.
     pub fn resource_version(&self) -> u64 {
         self.shared.lock().rv
-    }
-
-    fn record(&self, store: &mut Store, change: Change) {
-        if store.history.len() == HISTORY_LIMIT
-            && let Some(oldest) = store.history.pop_front()
-        {
-            store.compacted_below = oldest.rv;
-        }
-        store.history.push_back(change.clone());
-        // Sent under the lock, so that a watch that subscribes under the lock sees every
-        // change after its snapshot exactly once. No receiver is not an error.
-        let _ = self.shared.changes.send(change);
     }
 }
 
@@ -577,13 +646,22 @@ async fn handle(
     method: Method,
     uri: Uri,
     RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    body: Bytes,
 ) -> Response {
     let path = uri.path().to_owned();
     let query = query.unwrap_or_default();
-    shared
-        .lock()
-        .requests
-        .push(format!("{method} {path}?{query}"));
+    {
+        let mut store = shared.lock();
+        store.requests.push(format!("{method} {path}?{query}"));
+        if store.unavailable {
+            return error_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "ServiceUnavailable",
+                "the apiserver is unavailable (injected)",
+            );
+        }
+    }
     if let Some(body) = discovery(&path) {
         return json_response(StatusCode::OK, &body);
     }
@@ -594,13 +672,6 @@ async fn handle(
             "the server could not find the requested resource",
         );
     };
-    if method != Method::GET {
-        return error_response(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "MethodNotAllowed",
-            "the fake apiserver is read-only over HTTP; tests write through FakeApiServer",
-        );
-    }
     {
         let mut store = shared.lock();
         if store.fail_next > 0 {
@@ -611,15 +682,225 @@ async fn handle(
                 "injected failure",
             );
         }
+        if store.throttle_next > 0 {
+            store.throttle_next -= 1;
+            let mut response = error_response(
+                StatusCode::TOO_MANY_REQUESTS,
+                "TooManyRequests",
+                "injected throttling, please try again later",
+            );
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+            return response;
+        }
     }
     let params = match parse_params(&query) {
         Ok(p) => p,
         Err(why) => return error_response(StatusCode::BAD_REQUEST, "BadRequest", &why),
     };
-    match (&target.name, params.watch) {
-        (_, true) => watch_response(shared, target, params),
-        (Some(name), false) => get(&shared, &target, name),
-        (None, false) => list(&shared, &target, &params),
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("application/json");
+    match (&method, &target.name, params.watch) {
+        (&Method::GET, _, true) => watch_response(shared, target, params),
+        (&Method::GET, Some(name), false) => get(&shared, &target, name),
+        (&Method::GET, None, false) => list(&shared, &target, &params),
+        (&Method::POST, None, _) => create(&shared, &target, &body),
+        (&Method::PUT, Some(name), _) => replace(&shared, &target, name, &body),
+        (&Method::PATCH, Some(name), _) => patch(&shared, &target, name, content_type, &body),
+        (&Method::DELETE, Some(name), _) => delete(&shared, &target, name),
+        _ => error_response(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "MethodNotAllowed",
+            &format!("{method} is not supported on {path}"),
+        ),
+    }
+}
+
+/// The namespace an object of `target` lives in: the path's, else `default`; empty for
+/// cluster-scoped resources.
+fn namespace_of(target: &Target) -> String {
+    if target.resource.namespaced {
+        target
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".to_owned())
+    } else {
+        String::new()
+    }
+}
+
+/// Parses a request body as a JSON object; the error is the reason, for a 400.
+fn parse_body(body: &[u8]) -> Result<Value, String> {
+    match serde_json::from_slice::<Value>(body) {
+        Ok(v) if v.is_object() => Ok(v),
+        Ok(_) => Err("the body is not an object".to_owned()),
+        Err(e) => Err(format!("the body is not JSON: {e}")),
+    }
+}
+
+fn not_found(target: &Target, name: &str) -> Response {
+    error_response(
+        StatusCode::NOT_FOUND,
+        "NotFound",
+        &format!("{} \"{name}\" not found", target.resource.plural),
+    )
+}
+
+/// POST to a collection.
+fn create(shared: &Shared, target: &Target, body: &[u8]) -> Response {
+    let object = match parse_body(body) {
+        Ok(v) => v,
+        Err(why) => return error_response(StatusCode::BAD_REQUEST, "BadRequest", &why),
+    };
+    let Some(name) = object["metadata"]["name"].as_str().map(str::to_owned) else {
+        return error_response(
+            StatusCode::BAD_REQUEST,
+            "Invalid",
+            "metadata.name is required",
+        );
+    };
+    if object["metadata"]["resourceVersion"].is_string() {
+        return error_response(
+            StatusCode::BAD_REQUEST,
+            "BadRequest",
+            "resourceVersion should not be set on objects to be created",
+        );
+    }
+    let ns = namespace_of(target);
+    let mut store = shared.lock();
+    if store
+        .objects
+        .contains_key(&(target.resource.plural, ns.clone(), name.clone()))
+    {
+        return error_response(
+            StatusCode::CONFLICT,
+            "AlreadyExists",
+            &format!("{} \"{name}\" already exists", target.resource.plural),
+        );
+    }
+    let stored = shared.put(&mut store, target.resource, &ns, &name, object);
+    json_response(StatusCode::CREATED, &stored)
+}
+
+/// PUT to an object: replaces it; a resourceVersion in the body must be the current one.
+fn replace(shared: &Shared, target: &Target, name: &str, body: &[u8]) -> Response {
+    let object = match parse_body(body) {
+        Ok(v) => v,
+        Err(why) => return error_response(StatusCode::BAD_REQUEST, "BadRequest", &why),
+    };
+    let ns = namespace_of(target);
+    let mut store = shared.lock();
+    let Some(current) = store
+        .objects
+        .get(&(target.resource.plural, ns.clone(), name.to_owned()))
+    else {
+        return not_found(target, name);
+    };
+    if let Some(rv) = object["metadata"]["resourceVersion"].as_str()
+        && Some(rv) != current["metadata"]["resourceVersion"].as_str()
+    {
+        return error_response(
+            StatusCode::CONFLICT,
+            "Conflict",
+            &format!(
+                "Operation cannot be fulfilled on {} \"{name}\": the object has been modified",
+                target.resource.plural
+            ),
+        );
+    }
+    let stored = shared.put(&mut store, target.resource, &ns, name, object);
+    json_response(StatusCode::OK, &stored)
+}
+
+/// RFC 7386 JSON merge patch of `target` with `patch`.
+fn merge_patch(target: &mut Value, patch: &Value) {
+    let Value::Object(patch) = patch else {
+        *target = patch.clone();
+        return;
+    };
+    if !target.is_object() {
+        *target = json!({});
+    }
+    let Value::Object(fields) = target else {
+        return;
+    };
+    for (key, value) in patch {
+        if value.is_null() {
+            fields.remove(key);
+        } else {
+            merge_patch(fields.entry(key.clone()).or_insert(Value::Null), value);
+        }
+    }
+}
+
+/// Drops strategic-merge-patch directives (`$patch`, `$setElementOrder/...`,
+/// `$retainKeys`, `$deleteFromPrimitiveList/...`), leaving a plain merge patch.
+fn strip_directives(value: &mut Value) {
+    match value {
+        Value::Object(fields) => {
+            fields.retain(|k, _| !k.starts_with('$'));
+            fields.values_mut().for_each(strip_directives);
+        }
+        Value::Array(items) => items.iter_mut().for_each(strip_directives),
+        _ => {}
+    }
+}
+
+/// PATCH of an object, by content type.
+fn patch(
+    shared: &Shared,
+    target: &Target,
+    name: &str,
+    content_type: &str,
+    body: &[u8],
+) -> Response {
+    let mut patch = match parse_body(body) {
+        Ok(v) => v,
+        Err(why) => return error_response(StatusCode::BAD_REQUEST, "BadRequest", &why),
+    };
+    let ns = namespace_of(target);
+    let mut store = shared.lock();
+    let current = store
+        .objects
+        .get(&(target.resource.plural, ns.clone(), name.to_owned()))
+        .cloned();
+    let media = content_type.split(';').next().unwrap_or("").trim();
+    let updated = match (media, current) {
+        // Server-side apply with one field manager: the applied configuration is the
+        // object. It creates the object if it does not exist.
+        ("application/apply-patch+yaml", _) => patch,
+        (_, None) => return not_found(target, name),
+        ("application/merge-patch+json", Some(mut current)) => {
+            merge_patch(&mut current, &patch);
+            current
+        }
+        ("application/strategic-merge-patch+json", Some(mut current)) => {
+            strip_directives(&mut patch);
+            merge_patch(&mut current, &patch);
+            current
+        }
+        (other, Some(_)) => {
+            return error_response(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "UnsupportedMediaType",
+                &format!("the fake apiserver does not support {other} patches"),
+            );
+        }
+    };
+    let stored = shared.put(&mut store, target.resource, &ns, name, updated);
+    json_response(StatusCode::OK, &stored)
+}
+
+/// DELETE of an object: gone at once (no finalizers, no grace period).
+fn delete(shared: &Shared, target: &Target, name: &str) -> Response {
+    let ns = namespace_of(target);
+    let mut store = shared.lock();
+    match shared.remove(&mut store, target.resource, &ns, name) {
+        Some(object) => json_response(StatusCode::OK, &object),
+        None => not_found(target, name),
     }
 }
 
@@ -699,6 +980,7 @@ struct WatchStream {
     seen_rv: u64,
     changes: broadcast::Receiver<Change>,
     disconnects: watch::Receiver<u64>,
+    stalled: watch::Receiver<bool>,
     deadline: Option<tokio::time::Instant>,
     bookmarks: tokio::time::Interval,
 }
@@ -737,6 +1019,12 @@ impl WatchStream {
             return None;
         }
         loop {
+            while *self.stalled.borrow_and_update() {
+                tokio::select! {
+                    _ = self.disconnects.changed() => return None,
+                    r = self.stalled.changed() => if r.is_err() { return None },
+                }
+            }
             let deadline = async {
                 match self.deadline {
                     Some(d) => tokio::time::sleep_until(d).await,
@@ -746,6 +1034,7 @@ impl WatchStream {
             tokio::select! {
                 biased;
                 _ = self.disconnects.changed() => return None,
+                r = self.stalled.changed() => if r.is_err() { return None },
                 () = deadline => return None,
                 change = self.changes.recv() => match change {
                     Ok(change) => {
@@ -772,6 +1061,7 @@ fn watch_response(shared: Arc<Shared>, target: Target, params: Params) -> Respon
     let changes = shared.changes.subscribe();
     let mut disconnects = shared.disconnects.subscribe();
     disconnects.mark_unchanged();
+    let stalled = shared.stalled.subscribe();
     let mut queued = VecDeque::new();
     let mut finished = false;
     let mut replay_after = None;
@@ -810,6 +1100,7 @@ fn watch_response(shared: Arc<Shared>, target: Target, params: Params) -> Respon
         seen_rv: store.rv,
         changes,
         disconnects,
+        stalled,
         deadline: None,
         bookmarks: tokio::time::interval_at(
             tokio::time::Instant::now() + BOOKMARK_INTERVAL,
@@ -853,7 +1144,7 @@ fn discovery(path: &str) -> Option<Value> {
                     "singularName": r.kind.to_lowercase(),
                     "namespaced": r.namespaced,
                     "kind": r.kind,
-                    "verbs": ["get", "list", "watch"],
+                    "verbs": ["create", "delete", "get", "list", "patch", "update", "watch"],
                     "shortNames": r.short_names,
                 })
             })
@@ -1019,5 +1310,119 @@ mod tests {
         assert!(failed.starts_with("HTTP/1.1 500"), "{failed}");
         let ok = get_raw(&fake, "/api/v1/services").await;
         assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
+    }
+
+    /// `kubectl` (when on PATH) creates, applies, patches, lists and deletes through the
+    /// fake. No OpenAPI is served, hence `--validate=false`.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn kubectl_writes() {
+        let Ok(found) = std::process::Command::new("kubectl")
+            .args(["version", "--client"])
+            .output()
+        else {
+            eprintln!("kubectl is not on PATH; skipped");
+            return;
+        };
+        assert!(found.status.success());
+        let fake = FakeApiServer::start().await.unwrap();
+        let dir =
+            std::env::temp_dir().join(format!("fake-apiserver-kubectl-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let kubeconfig = dir.join("kubeconfig");
+        std::fs::write(&kubeconfig, fake.kubeconfig()).unwrap();
+        let manifest = dir.join("svc.json");
+        let run = move |args: Vec<String>| {
+            let kubeconfig = kubeconfig.clone();
+            let cache = kubeconfig.with_file_name("cache");
+            async move {
+                tokio::task::spawn_blocking(move || {
+                    let out = std::process::Command::new("kubectl")
+                        .arg("--kubeconfig")
+                        .arg(&kubeconfig)
+                        .arg("--cache-dir")
+                        .arg(&cache)
+                        .args(&args)
+                        .output()
+                        .unwrap();
+                    let text = format!(
+                        "{}{}",
+                        String::from_utf8_lossy(&out.stdout),
+                        String::from_utf8_lossy(&out.stderr)
+                    );
+                    assert!(out.status.success(), "kubectl {args:?}: {text}");
+                    text
+                })
+                .await
+                .unwrap()
+            }
+        };
+        let file = manifest.display().to_string();
+        let write = |port: u16, label: &str| {
+            let svc = json!({
+                "apiVersion": "v1", "kind": "Service",
+                "metadata": { "name": "web", "labels": { "team": label } },
+                "spec": { "ports": [{ "port": port, "protocol": "TCP" }] },
+            });
+            std::fs::write(&manifest, svc.to_string()).unwrap();
+        };
+        write(80, "a");
+        let out = run(vec![
+            "apply".into(),
+            "--validate=false".into(),
+            "-f".into(),
+            file.clone(),
+        ])
+        .await;
+        assert!(out.contains("created"), "{out}");
+        write(81, "b");
+        let out = run(vec![
+            "apply".into(),
+            "--validate=false".into(),
+            "-f".into(),
+            file.clone(),
+        ])
+        .await;
+        assert!(out.contains("configured"), "{out}");
+        write(82, "c");
+        let out = run(vec![
+            "apply".into(),
+            "--server-side".into(),
+            "--validate=false".into(),
+            "-f".into(),
+            file.clone(),
+        ])
+        .await;
+        assert!(out.contains("serverside-applied"), "{out}");
+        let out = run(vec![
+            "get".into(),
+            "svc".into(),
+            "-l".into(),
+            "team=c".into(),
+            "-o".into(),
+            "name".into(),
+        ])
+        .await;
+        assert_eq!(out.trim(), "service/web");
+        let out = run(vec![
+            "get".into(),
+            "svc".into(),
+            "web".into(),
+            "-o".into(),
+            "jsonpath={.spec.ports[0].port}".into(),
+        ])
+        .await;
+        assert_eq!(out.trim(), "82");
+        run(vec![
+            "label".into(),
+            "svc".into(),
+            "web".into(),
+            "team=d".into(),
+            "--overwrite".into(),
+        ])
+        .await;
+        let out = run(vec!["delete".into(), "-f".into(), file.clone()]).await;
+        assert!(out.contains("deleted"), "{out}");
+        assert!(fake.shared.lock().objects.is_empty());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -13,6 +13,10 @@
 //! 4. backends leaving the active set are marked terminating, and backends no longer known
 //!    are deleted, once no slot names them.
 //!
+//! A frontend's source ranges (`loadBalancerSourceRanges`) are added before its header and
+//! removed after it, so a header flagged [`SVC_F_SOURCE_RANGES`] never meets a half-written
+//! list that would drop allowed clients; ranges are keyed by service id, which is stable.
+//!
 //! A removed backend's slot is refilled in place by a new backend (swap-in), or by the last
 //! slot when the Service shrinks (swap-remove), so the slots of unchanged backends are
 //! never written.
@@ -37,13 +41,17 @@ use std::{
 };
 
 use lb_common::{
-    BACKEND_ACTIVE, BACKEND_TERMINATING, Backend, SVC_F_ADDR_MARKER, SVC_F_AFFINITY, ServiceKey,
-    ServiceValue, capacity, map_names, proto,
+    BACKEND_ACTIVE, BACKEND_F_SNAT, BACKEND_TERMINATING, Backend, SVC_F_ADDR_MARKER,
+    SVC_F_AFFINITY, SVC_F_DROP_EMPTY, SVC_F_EXTERNAL, SVC_F_SOURCE_RANGES, ServiceKey,
+    ServiceValue, SourceRangeKey, capacity, map_names, proto,
 };
 
 use crate::{
     maps::{MapError, ServiceMaps},
-    model::{BackendAddr, Desired, DesiredService, Frontend, ObjectRef, Problem, Protocol},
+    model::{
+        BackendAddr, Cidr, Desired, DesiredService, Frontend, FrontendKind, ObjectRef, Problem,
+        Protocol,
+    },
 };
 
 /// Why the applier could not run at all (as opposed to one Service failing, which is a
@@ -129,6 +137,8 @@ struct FrontendState {
     slots: Vec<u32>,
     /// Every backend of this frontend's service id.
     backends: BTreeMap<u32, Backend>,
+    /// The source ranges of this frontend's service id.
+    ranges: BTreeSet<Cidr>,
 }
 
 impl FrontendState {
@@ -139,7 +149,13 @@ impl FrontendState {
             head: None,
             slots: Vec::new(),
             backends: BTreeMap::new(),
+            ranges: BTreeSet::new(),
         }
+    }
+
+    /// Whether the frontend's address needs a marker (only ClusterIPs get one).
+    fn wants_marker(&self) -> bool {
+        self.head.is_some_and(|h| h.flags & SVC_F_EXTERNAL == 0)
     }
 }
 
@@ -150,6 +166,8 @@ enum Op {
     DelService(ServiceKey),
     PutBackend(u32, Backend),
     DelBackend(u32),
+    PutRange(SourceRangeKey, u8),
+    DelRange(SourceRangeKey, u8),
 }
 
 /// A write and the write that undoes it.
@@ -173,6 +191,9 @@ pub struct Applier {
     /// Backends found at adoption that belong to no frontend. Deleted at the end of a sync,
     /// once no slot names them; their ids stay reserved until then.
     stray_backends: BTreeSet<u32>,
+    /// Source ranges found at adoption that belong to no frontend, deleted by the next
+    /// sync before any new frontend could take their service id.
+    stray_ranges: Vec<(SourceRangeKey, u8)>,
     /// Frontends whose last update failed, retried by the next [`Applier::sync_frontends`].
     retry: BTreeSet<Frontend>,
     /// Addresses whose marker could not be written or deleted, likewise.
@@ -191,6 +212,7 @@ impl Default for Applier {
             backend_ids: Ids::default(),
             stray_services: Vec::new(),
             stray_backends: BTreeSet::new(),
+            stray_ranges: Vec::new(),
             retry: BTreeSet::new(),
             retry_markers: BTreeSet::new(),
             services_capacity: capacity::SERVICES,
@@ -224,6 +246,16 @@ fn slot_key(fe: &Frontend, i: usize) -> ServiceKey {
     // Slot vectors never exceed u16::MAX entries (checked when a target is built, and a
     // count read back from the map is a u16).
     key(fe, u16::try_from(i + 1).unwrap_or(u16::MAX))
+}
+
+fn range_key(service_id: u32, c: &Cidr) -> (SourceRangeKey, u8) {
+    (
+        SourceRangeKey {
+            service_id,
+            addr_be: addr_be(c.addr),
+        },
+        c.len,
+    )
 }
 
 fn slot_value(backend_id: u32) -> ServiceValue {
@@ -262,10 +294,12 @@ impl<M: ServiceMaps> Writer<'_, M> {
             Op::DelService(k) => self.maps.del_service(k)?,
             Op::PutBackend(id, b) => self.maps.put_backend(*id, b)?,
             Op::DelBackend(id) => self.maps.del_backend(*id)?,
+            Op::PutRange(k, len) => self.maps.put_source_range(k, *len)?,
+            Op::DelRange(k, len) => self.maps.del_source_range(k, *len)?,
         }
         match op {
-            Op::PutService(..) | Op::PutBackend(..) => self.stats.writes += 1,
-            Op::DelService(_) | Op::DelBackend(_) => self.stats.deletes += 1,
+            Op::PutService(..) | Op::PutBackend(..) | Op::PutRange(..) => self.stats.writes += 1,
+            Op::DelService(_) | Op::DelBackend(_) | Op::DelRange(..) => self.stats.deletes += 1,
         }
         Ok(())
     }
@@ -334,6 +368,7 @@ impl Applier {
     pub fn adopt(maps: &impl ServiceMaps) -> Result<Self, ApplyError> {
         let services = maps.services().map_err(ApplyError::Read)?;
         let backends = maps.backends().map_err(ApplyError::Read)?;
+        let ranges = maps.source_ranges().map_err(ApplyError::Read)?;
         let mut me = Self::new();
         // Frontend entries grouped by key without the slot; BTreeMap order puts slot 0
         // first, so a stray frontend loses its header before its slots.
@@ -403,6 +438,20 @@ impl Applier {
                 _ => {
                     me.stray_backends.insert(id);
                 }
+            }
+        }
+        for (k, len) in ranges {
+            let owner = by_service_id
+                .get(&k.service_id)
+                .and_then(|fe| me.frontends.get_mut(fe));
+            match owner {
+                Some(st) if len <= 32 => {
+                    st.ranges.insert(Cidr {
+                        addr: addr_of(k.addr_be),
+                        len,
+                    });
+                }
+                _ => me.stray_ranges.push((k, len)),
             }
         }
         me.service_ids = Ids::from_used(&by_service_id.keys().copied().collect());
@@ -488,6 +537,12 @@ impl Applier {
         for k in stray {
             if w.apply(&Op::DelService(k)).is_err() {
                 self.stray_services.push(k);
+            }
+        }
+        let stray = std::mem::take(&mut self.stray_ranges);
+        for (k, len) in stray {
+            if w.apply(&Op::DelRange(k, len)).is_err() {
+                self.stray_ranges.push((k, len));
             }
         }
 
@@ -676,20 +731,33 @@ impl Applier {
                         proto: fe.proto.number(),
                         state,
                         service_id: old.service_id,
+                        flags: if d.snat.binary_search(a).is_ok() {
+                            BACKEND_F_SNAT
+                        } else {
+                            0
+                        },
+                        _pad: [0; 3],
                     },
                 );
             }
         }
         let slots = layout_slots(&old.slots, &active);
         debug_assert!(slots.len() <= usize::from(count));
+        let mut flags = 0;
+        for (on, flag) in [
+            (d.affinity_timeout_s.is_some(), SVC_F_AFFINITY),
+            (d.source_ranges.is_some(), SVC_F_SOURCE_RANGES),
+            (d.drop_when_empty, SVC_F_DROP_EMPTY),
+            (d.kind != FrontendKind::ClusterIp, SVC_F_EXTERNAL),
+        ] {
+            if on {
+                flags |= flag;
+            }
+        }
         let head = ServiceValue {
             backend_id: 0,
             count: slots.len() as u16,
-            flags: if d.affinity_timeout_s.is_some() {
-                SVC_F_AFFINITY
-            } else {
-                0
-            },
+            flags,
             service_id: old.service_id,
             affinity_timeout_s: d.affinity_timeout_s.unwrap_or(0),
         };
@@ -699,10 +767,11 @@ impl Applier {
             head: Some(head),
             slots,
             backends,
+            ranges: d.source_ranges.iter().flatten().copied().collect(),
         })
     }
 
-    /// One marker per address that has at least one frontend in the map; written after
+    /// One marker per address that has at least one ClusterIP frontend in the map; written after
     /// the frontends it covers, deleted after the last of them. Only `addrs` are looked at.
     fn sync_markers<M: ServiceMaps>(&mut self, addrs: BTreeSet<Ipv4Addr>, w: &mut Writer<'_, M>) {
         let mut wanted: Vec<(Ipv4Addr, Option<ObjectRef>)> = Vec::new();
@@ -722,7 +791,7 @@ impl Applier {
             let covered = self
                 .frontends
                 .range(first..=last)
-                .find(|(_, st)| st.head.is_some());
+                .find(|(_, st)| st.wants_marker());
             match covered {
                 Some((_, st)) if !self.markers.contains(&addr) => {
                     wanted.push((addr, st.owner.clone()));
@@ -866,7 +935,15 @@ fn transition(fe: &Frontend, old: &FrontendState, new: &FrontendState) -> Vec<St
         None => Op::DelService(head_key),
     };
 
-    // Backends that slots will name, or that are new, first.
+    // Source ranges the header may ask for, first.
+    for c in new.ranges.difference(&old.ranges) {
+        let (k, len) = range_key(new.service_id, c);
+        steps.push(Step {
+            op: Op::PutRange(k, len),
+            undo: Op::DelRange(k, len),
+        });
+    }
+    // Backends that slots will name, or that are new, next.
     for (id, b) in &new.backends {
         let before = old.backends.get(id);
         if before != Some(b) && (b.state == BACKEND_ACTIVE || before.is_none()) {
@@ -930,6 +1007,13 @@ fn transition(fe: &Frontend, old: &FrontendState, new: &FrontendState) -> Vec<St
             });
         }
     }
+    for c in old.ranges.difference(&new.ranges) {
+        let (k, len) = range_key(old.service_id, c);
+        steps.push(Step {
+            op: Op::DelRange(k, len),
+            undo: Op::PutRange(k, len),
+        });
+    }
     steps
 }
 
@@ -969,6 +1053,10 @@ pub(crate) mod tests {
             active: active.iter().map(|l| b(*l)).collect(),
             terminating: terminating.iter().map(|l| b(*l)).collect(),
             affinity_timeout_s: affinity,
+            kind: FrontendKind::ClusterIp,
+            source_ranges: None,
+            drop_when_empty: false,
+            snat: Vec::new(),
         }
     }
 
@@ -1035,6 +1123,12 @@ pub(crate) mod tests {
                 }
                 MemOp::DelBackend(id) => {
                     m.backends.remove(id);
+                }
+                MemOp::PutSourceRange(k, len) => {
+                    m.source_ranges.insert((*k, *len));
+                }
+                MemOp::DelSourceRange(k, len) => {
+                    m.source_ranges.remove(&(*k, *len));
                 }
             }
             if let Err(e) = invariant(&m) {
@@ -1125,7 +1219,13 @@ pub(crate) mod tests {
                 )
             })
             .collect();
-        (services, d.services.keys().map(|f| f.addr).collect())
+        let markers = d
+            .services
+            .iter()
+            .filter(|(_, s)| s.kind == FrontendKind::ClusterIp)
+            .map(|(f, _)| f.addr)
+            .collect();
+        (services, markers)
     }
 
     /// Syncs with a fresh op log and checks the invariant after every op.
@@ -1155,6 +1255,8 @@ pub(crate) mod tests {
             proto: proto::TCP,
             state,
             service_id,
+            flags: 0,
+            _pad: [0; 3],
         }
     }
 
@@ -1362,6 +1464,75 @@ pub(crate) mod tests {
         );
         assert!(m.services.is_empty() && m.backends.is_empty());
         assert_eq!(a.frontend_count(), 0);
+    }
+
+    #[test]
+    fn source_ranges_come_before_the_header_and_go_after_it_and_external_frontends_get_no_marker() {
+        let mut a = Applier::new();
+        let mut m = MemMaps::default();
+        let f = fe(10, 80);
+        let cidr = |s: &str| match crate::model::parse_cidr(s) {
+            Some(crate::model::ParsedCidr::V4(c)) => c,
+            _ => panic!("{s}"),
+        };
+        let lb = |ranges: Option<Vec<Cidr>>, drop_when_empty: bool| DesiredService {
+            kind: FrontendKind::LoadBalancer,
+            source_ranges: ranges,
+            drop_when_empty,
+            ..svc(&[1], &[], None)
+        };
+        let range = |c: &str| range_key(1, &cidr(c));
+        let flags = SVC_F_EXTERNAL | SVC_F_SOURCE_RANGES;
+        let with_flags = |flags| ServiceValue {
+            flags,
+            ..head(1, 1)
+        };
+
+        let d = desired(&[(f, lb(Some(vec![cidr("10.1.0.0/16")]), false))]);
+        sync(&mut a, &d, &mut m);
+        let (k, len) = range("10.1.0.0/16");
+        assert_eq!(
+            m.log,
+            [
+                MemOp::PutSourceRange(k, len),
+                MemOp::PutBackend(1, backend(1, BACKEND_ACTIVE, 1)),
+                put_slot(&f, 1, 1),
+                MemOp::PutService(key(&f, 0), with_flags(flags)),
+            ],
+            "no marker for a LoadBalancer IP"
+        );
+
+        // Ranges replaced: the new one first, the old one after the (unchanged) header.
+        let d = desired(&[(f, lb(Some(vec![cidr("10.2.0.0/16")]), false))]);
+        sync(&mut a, &d, &mut m);
+        let (k2, len2) = range("10.2.0.0/16");
+        assert_eq!(
+            m.log,
+            [
+                MemOp::PutSourceRange(k2, len2),
+                MemOp::DelSourceRange(k, len)
+            ]
+        );
+
+        // No restriction any more: the header loses its flag, then the range goes.
+        let d = desired(&[(f, lb(None, true))]);
+        sync(&mut a, &d, &mut m);
+        assert_eq!(
+            m.log,
+            [
+                MemOp::PutService(key(&f, 0), with_flags(SVC_F_EXTERNAL | SVC_F_DROP_EMPTY)),
+                MemOp::DelSourceRange(k2, len2),
+            ]
+        );
+
+        // A restart adopts the ranges and the external flag: nothing to write.
+        let d = desired(&[(f, lb(Some(vec![cidr("10.3.0.0/16")]), false))]);
+        sync(&mut a, &d, &mut m);
+        let mut adopted = Applier::adopt(&m).unwrap();
+        assert_eq!(adopted.sync(&d, &mut m).unwrap(), SyncStats::default());
+        // Removing the frontend removes its range too.
+        adopted.sync(&desired(&[]), &mut m).unwrap();
+        assert!(m.source_ranges.is_empty() && m.services.is_empty() && m.backends.is_empty());
     }
 
     #[test]
@@ -1590,6 +1761,17 @@ pub(crate) mod tests {
         fn del_backend(&mut self, id: u32) -> Result<(), MapError> {
             self.check("remove")?;
             self.inner.del_backend(id)
+        }
+        fn source_ranges(&self) -> Result<Vec<(SourceRangeKey, u8)>, MapError> {
+            self.inner.source_ranges()
+        }
+        fn put_source_range(&mut self, k: &SourceRangeKey, len: u8) -> Result<(), MapError> {
+            self.check("insert")?;
+            self.inner.put_source_range(k, len)
+        }
+        fn del_source_range(&mut self, k: &SourceRangeKey, len: u8) -> Result<(), MapError> {
+            self.check("remove")?;
+            self.inner.del_source_range(k, len)
         }
     }
 

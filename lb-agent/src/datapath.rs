@@ -2,12 +2,19 @@
 //! attaching the TC programs to devices.
 //!
 //! Pinned under `--bpffs-root`:
-//! - the services, backends, connection-tracking and affinity maps (`<root>/<MAP>`), so a
+//! - the services, backends, connection-tracking, affinity and source ranges maps
+//!   (`<root>/<MAP>`), so a
 //!   restarted agent finds the tables and the live flows where it left them;
 //! - the tcx links (`<root>/links/<ifindex>_<dir>_<ifname>`), so the datapath keeps
 //!   translating while the agent is down (a crash, `kill -9`, an upgrade). A new agent
 //!   swaps its freshly loaded programs into those links atomically (`bpf_link_update`):
 //!   no packet ever sees a device without a program.
+//!
+//! On kernels without tcx (before 6.6), the programs sit in `cls_bpf` filters of a
+//! `clsact` qdisc instead, at a fixed priority and handle per direction
+//! ([`crate::features`]): the filters outlive the agent by themselves, and a new agent
+//! replaces their programs in place (a netlink filter change, no gap). Nothing is pinned
+//! for them; detaching deletes the filters by program name.
 //!
 //! A clean shutdown (SIGINT/SIGTERM) detaches the programs and removes the link pins; the
 //! maps stay pinned, so the next agent re-adopts the established flows.
@@ -21,18 +28,27 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap as BpfHashMap, MapData, MapInfo, PerCpuArray},
+    maps::{
+        HashMap as BpfHashMap, MapData, MapInfo, PerCpuArray,
+        lpm_trie::{Key as LpmKey, LpmTrie},
+    },
     programs::{
         LinkOrder, SchedClassifier, TcAttachType,
         links::{FdLink, PinnedLink},
-        tc::{SchedClassifierLink, TcAttachOptions},
+        tc::{
+            NlOptions, SchedClassifierLink, TcAttachOptions, qdisc_add_clsact, qdisc_detach_program,
+        },
     },
-    util::KernelVersion,
 };
-use lb_common::{Backend, METRICS_LEN, ServiceKey, ServiceValue, map_names};
+use lb_common::{
+    Backend, METRICS_LEN, SOURCE_RANGE_KEY_LEN, ServiceKey, ServiceValue, SourceRangeKey, map_names,
+};
 use tracing::{debug, info, warn};
 
-use crate::maps::{MapError, ServiceMaps};
+use crate::{
+    features::{Features, NETLINK_HANDLE, NETLINK_PRIORITY, TcAttach},
+    maps::{MapError, ServiceMaps},
+};
 
 /// The eBPF object built by `build.rs` (absent when built with `AYA_BUILD_SKIP=1`).
 #[cfg(embedded_obj)]
@@ -54,8 +70,6 @@ fn link_pin_name(ifindex: u32, dir: &str, device: &str) -> String {
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 /// Where bpffs is mounted when it is not mounted yet.
 const BPFFS_MOUNT: &str = "/sys/fs/bpf";
-/// tcx (multi-program TC with links) arrived in Linux 6.6.
-const TCX_KERNEL: KernelVersion = KernelVersion::new(6, 6, 0);
 
 /// The TC ingress program: DNAT of traffic to frontends.
 pub const INGRESS_PROG: &str = "lb_tc_ingress";
@@ -67,7 +81,7 @@ pub const EGRESS_PROG: &str = "lb_tc_egress";
 pub enum DatapathError {
     /// Not root / no CAP_BPF + CAP_NET_ADMIN.
     #[error(
-        "not enough privilege: lb-agent needs CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN (run it as root)"
+        "not enough privilege: lb-agent needs to run as root (uid 0) with CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON (and CAP_SYS_ADMIN if it has to mount bpffs)"
     )]
     Privilege,
     /// bpffs missing and could not be mounted.
@@ -170,6 +184,138 @@ pub fn prepare(root: &Path) -> Result<()> {
     Ok(())
 }
 
+/// What [`cleanup`] removed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Cleanup {
+    /// Program links unpinned (each detached a program from a device).
+    pub links: usize,
+    /// Other pins (maps) removed.
+    pub maps: usize,
+}
+
+/// Removes everything the agent pinned under `root` (`lb-agent --cleanup`): the program
+/// links first, whose last reference is the pin, so removing it detaches the program from
+/// its device, then the maps, then the directories. Nothing under `root` is not an
+/// error; a `root` that is not on bpffs is refused rather than deleted.
+pub fn cleanup(root: &Path) -> Result<Cleanup> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err(DatapathError::Privilege);
+    }
+    let mut done = Cleanup::default();
+    if !root.exists() {
+        return Ok(done);
+    }
+    if !is_bpffs(root) {
+        return Err(DatapathError::NoBpffs {
+            path: root.display().to_string(),
+            source: io::Error::other("not on a bpf filesystem: refusing to remove it"),
+        });
+    }
+    let remove = |path: &Path, count: &mut usize| -> Result<()> {
+        fs::remove_file(path).map_err(|source| DatapathError::PinDir {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        *count += 1;
+        Ok(())
+    };
+    let links = root.join("links");
+    for entry in fs::read_dir(&links).into_iter().flatten().flatten() {
+        // Releasing the last reference detaches too, but the kernel does that later, in a
+        // work queue: detach first, so that traffic is untranslated when this returns.
+        if let Err(e) = detach_pinned_link(&entry.path()) {
+            warn!(pin = %entry.path().display(), error = %e, "cannot detach link; removing its pin");
+        }
+        remove(&entry.path(), &mut done.links)?;
+    }
+    // Netlink TC filters (kernels without tcx) have no pins: found by program name.
+    for device in list_devices().into_keys() {
+        done.links += detach_netlink(&device);
+    }
+    for entry in fs::read_dir(root).into_iter().flatten().flatten() {
+        if entry.path() != links {
+            remove(&entry.path(), &mut done.maps)?;
+        }
+    }
+    for dir in [links.as_path(), root] {
+        match fs::remove_dir(dir) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                return Err(DatapathError::PinDir {
+                    path: dir.to_path_buf(),
+                    source: e,
+                });
+            }
+            _ => {}
+        }
+    }
+    Ok(done)
+}
+
+/// Deletes the agent's netlink TC filters (by program name) on `device`; returns how many
+/// directions had one.
+fn detach_netlink(device: &str) -> usize {
+    [
+        (INGRESS_PROG, TcAttachType::Ingress),
+        (EGRESS_PROG, TcAttachType::Egress),
+    ]
+    .into_iter()
+    .filter(|(prog, attach_type)| qdisc_detach_program(device, *attach_type, prog).is_ok())
+    .count()
+}
+
+/// Detaches the BPF link pinned at `path` from whatever it is attached to, now
+/// (`BPF_OBJ_GET`, then `BPF_LINK_DETACH`); the link object lives on until its pin goes.
+fn detach_pinned_link(path: &Path) -> io::Result<()> {
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_LINK_DETACH: libc::c_long = 34;
+    #[repr(C)]
+    struct ObjGet {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+        path_fd: i32,
+        _pad: u32,
+    }
+    let c = CString::new(path.as_os_str().as_encoded_bytes()).map_err(io::Error::other)?;
+    let get = ObjGet {
+        pathname: c.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+        path_fd: 0,
+        _pad: 0,
+    };
+    // SAFETY: bpf(2) reads `size_of::<ObjGet>()` bytes of the attribute we own; the path
+    // outlives the call.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            &get as *const ObjGet,
+            std::mem::size_of::<ObjGet>(),
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just returned this descriptor to us.
+    let link = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let detach: [u32; 2] = [link.as_raw_fd() as u32, 0];
+    // SAFETY: as above, with the link_detach attribute.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_DETACH,
+            detach.as_ptr(),
+            std::mem::size_of_val(&detach),
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 fn private_mount_namespace() -> bool {
     match (
         fs::read_link("/proc/self/ns/mnt"),
@@ -226,6 +372,7 @@ fn expected_layout(name: &str) -> Option<(u32, u32)> {
             size_of::<lb_common::AffinityKey>(),
             size_of::<lb_common::AffinityValue>(),
         ),
+        map_names::SOURCE_RANGES => (SOURCE_RANGE_KEY_LEN, size_of::<u32>()),
         _ => return None,
     };
     Some((sizes.0 as u32, sizes.1 as u32))
@@ -299,7 +446,9 @@ impl MapSizes {
 pub struct Datapath {
     ebpf: Ebpf,
     root: PathBuf,
+    /// tcx links; netlink TC filters when false.
     tcx: bool,
+    features: Features,
     attached: BTreeMap<String, Attachment>,
 }
 
@@ -336,23 +485,37 @@ impl Datapath {
                 .map_err(|e: aya::programs::ProgramError| DatapathError::Load(Box::new(e)))?;
             prog.load().map_err(|e| classify_load_error(Box::new(e)))?;
         }
-        let tcx = KernelVersion::current()
-            .map(|v| v >= TCX_KERNEL)
-            .unwrap_or(false);
-        if !tcx {
-            return Err(DatapathError::KernelFeature {
-                kernel: kernel_string(),
-                feature: "tcx (TC BPF links)",
-                detail: "lb-agent needs Linux 6.6 or newer".to_owned(),
-            });
-        }
-        info!(root = %root.display(), "datapath loaded");
+        let features = {
+            let prog: &mut SchedClassifier = ebpf
+                .program_mut(INGRESS_PROG)
+                .expect("loaded above")
+                .try_into()
+                .expect("loaded above");
+            Features::probe(prog, is_bpffs(root))
+        };
+        info!("{features}");
+        let mode =
+            features
+                .attach_mode()
+                .map_err(|(feature, detail)| DatapathError::KernelFeature {
+                    kernel: kernel_string(),
+                    feature,
+                    detail,
+                })?;
+        let tcx = mode == TcAttach::Tcx;
+        info!(root = %root.display(), attach = ?mode, "datapath loaded");
         Ok(Self {
             ebpf,
             root: root.to_path_buf(),
             tcx,
+            features,
             attached: BTreeMap::new(),
         })
+    }
+
+    /// What the kernel offers, as probed at load.
+    pub fn features(&self) -> &Features {
+        &self.features
     }
 
     /// A loaded program, for `BPF_PROG_TEST_RUN` in tests and benchmarks.
@@ -368,7 +531,14 @@ impl Datapath {
             BpfHashMap::try_from(services).map_err(|e| DatapathError::Load(Box::new(e)))?;
         let backends =
             BpfHashMap::try_from(backends).map_err(|e| DatapathError::Load(Box::new(e)))?;
-        Ok(BpfMaps { services, backends })
+        let ranges = self.take_map(map_names::SOURCE_RANGES)?;
+        let source_ranges =
+            LpmTrie::try_from(ranges).map_err(|e| DatapathError::Load(Box::new(e)))?;
+        Ok(BpfMaps {
+            services,
+            backends,
+            source_ranges,
+        })
     }
 
     /// Takes the per-CPU counters out.
@@ -428,7 +598,10 @@ impl Datapath {
     }
 
     fn attach(&mut self, device: &str, ifindex: u32) -> Result<Vec<PathBuf>> {
-        debug_assert!(self.tcx);
+        if !self.tcx {
+            self.attach_netlink(device)?;
+            return Ok(Vec::new());
+        }
         let mut pins = Vec::new();
         for (prog_name, attach_type, dir) in [
             (INGRESS_PROG, TcAttachType::Ingress, INGRESS_DIR),
@@ -474,6 +647,61 @@ impl Datapath {
         Ok(pins)
     }
 
+    /// Netlink TC (no tcx): a `clsact` qdisc and one direct-action `cls_bpf` filter per
+    /// direction at the fixed priority and handle. A filter left by a previous agent gets
+    /// our program in place (a change of the existing filter, so that no packet sees the
+    /// device without one); otherwise it is created.
+    fn attach_netlink(&mut self, device: &str) -> Result<()> {
+        // Already there when a previous agent attached; a real failure shows in the
+        // attach below.
+        let _ = qdisc_add_clsact(device);
+        for (prog_name, attach_type) in [
+            (INGRESS_PROG, TcAttachType::Ingress),
+            (EGRESS_PROG, TcAttachType::Egress),
+        ] {
+            let err = |source: Box<dyn std::error::Error + Send + Sync>| DatapathError::Attach {
+                prog: prog_name,
+                device: device.to_owned(),
+                source,
+            };
+            let prog: &mut SchedClassifier = self
+                .ebpf
+                .program_mut(prog_name)
+                .expect("checked at load")
+                .try_into()
+                .expect("checked at load");
+            let existing = SchedClassifierLink::attached(
+                device,
+                attach_type,
+                NETLINK_PRIORITY,
+                NETLINK_HANDLE,
+                None,
+            )
+            .map_err(|e| err(Box::new(e)))?;
+            let link_id = match prog.attach_to_link(existing) {
+                Ok(id) => id,
+                // No filter of ours there yet (ENOENT without NLM_F_CREATE): create it.
+                Err(_) => prog
+                    .attach_with_options(
+                        device,
+                        attach_type,
+                        TcAttachOptions::Netlink(NlOptions {
+                            priority: NETLINK_PRIORITY,
+                            handle: NETLINK_HANDLE,
+                            classid: None,
+                        }),
+                    )
+                    .map_err(|e| err(Box::new(e)))?,
+            };
+            let link = prog.take_link(link_id).map_err(|e| err(Box::new(e)))?;
+            // Dropping a netlink link deletes the filter; the filter must outlive the
+            // agent, as a pinned tcx link does. The link holds no descriptor: nothing
+            // leaks.
+            std::mem::forget(link);
+        }
+        Ok(())
+    }
+
     /// Removes link pins whose device no longer exists (left by a crashed agent).
     pub fn remove_stale_link_pins(&self) {
         let present = list_devices();
@@ -498,6 +726,9 @@ impl Datapath {
     /// stay pinned so that the next agent re-adopts services and live flows.
     pub fn detach_all(&mut self) {
         for (name, a) in std::mem::take(&mut self.attached) {
+            if !self.tcx {
+                detach_netlink(&name);
+            }
             for pin in a.links {
                 match PinnedLink::from_pin(&pin) {
                     Ok(link) => match link.unpin() {
@@ -519,6 +750,14 @@ fn classify_load_error(e: Box<dyn std::error::Error + Send + Sync>) -> DatapathE
     // name an operator can act on.
     if text.contains("EPERM") || text.contains("Operation not permitted") {
         return DatapathError::Privilege;
+    }
+    // A map type or helper the kernel lacks: name it rather than quote the verifier.
+    if let Some((feature, detail)) = crate::features::missing_required() {
+        return DatapathError::KernelFeature {
+            kernel: kernel_string(),
+            feature,
+            detail,
+        };
     }
     if text.contains("BTF") && text.contains("not supported") {
         return DatapathError::KernelFeature {
@@ -592,10 +831,17 @@ fn glob_match(pattern: &[u8], text: &[u8]) -> bool {
     }
 }
 
-/// The services and backends maps as the kernel holds them.
+/// The services, backends and source ranges maps as the kernel holds them.
 pub struct BpfMaps {
     services: BpfHashMap<MapData, ServiceKey, ServiceValue>,
     backends: BpfHashMap<MapData, u32, Backend>,
+    source_ranges: LpmTrie<MapData, SourceRangeKey, u32>,
+}
+
+/// The LPM key of a source range: the service id always matches (32 bits), the client
+/// address by `len` bits.
+fn lpm_key(key: &SourceRangeKey, len: u8) -> LpmKey<SourceRangeKey> {
+    LpmKey::new(32 + u32::from(len), *key)
 }
 
 fn map_io(e: aya::maps::MapError) -> io::Error {
@@ -681,6 +927,143 @@ impl ServiceMaps for BpfMaps {
             id.to_string()
         })
     }
+
+    fn source_ranges(&self) -> Result<Vec<(SourceRangeKey, u8)>, MapError> {
+        let mut out = Vec::new();
+        for entry in self.source_ranges.iter() {
+            let (k, _) = entry.map_err(|e| MapError {
+                map: map_names::SOURCE_RANGES,
+                op: "iterate",
+                key: String::new(),
+                source: map_io(e),
+            })?;
+            let len = k.prefix_len().saturating_sub(32).min(32) as u8;
+            out.push((k.data(), len));
+        }
+        Ok(out)
+    }
+
+    fn put_source_range(&mut self, key: &SourceRangeKey, len: u8) -> Result<(), MapError> {
+        self.source_ranges
+            .insert(&lpm_key(key, len), 1, 0)
+            .map_err(|e| MapError {
+                map: map_names::SOURCE_RANGES,
+                op: "insert",
+                key: format!("{key:?}/{len}"),
+                source: map_io(e),
+            })
+    }
+
+    fn del_source_range(&mut self, key: &SourceRangeKey, len: u8) -> Result<(), MapError> {
+        removed(
+            self.source_ranges.remove(&lpm_key(key, len)),
+            map_names::SOURCE_RANGES,
+            || format!("{key:?}/{len}"),
+        )
+    }
+}
+
+/// The node's one netfilter rule: flows the datapath marks with [`lb_common::SNAT_MARK`]
+/// (north-south flows to backends on other nodes) leave with the node's address and a
+/// source port conntrack picks free (`--random-fully`), so that two clients using the same
+/// port never collide; conntrack translates the replies back before the egress program
+/// restores the frontend. Added once, if missing; `iptables-nft` is preferred.
+pub fn ensure_snat_rule() -> io::Result<()> {
+    snat_rule(true)
+}
+
+/// Removes the rule [`ensure_snat_rule`] adds (`lb-agent --cleanup`); absent is fine.
+pub fn remove_snat_rule() -> io::Result<()> {
+    snat_rule(false)
+}
+
+fn snat_rule(present: bool) -> io::Result<()> {
+    let mark = format!("{:#x}/{:#x}", lb_common::SNAT_MARK, lb_common::SNAT_MARK);
+    let rule = [
+        "POSTROUTING",
+        "-m",
+        "mark",
+        "--mark",
+        mark.as_str(),
+        "-m",
+        "comment",
+        "--comment",
+        "lb: north-south flows to other nodes",
+        "-j",
+        "MASQUERADE",
+        "--random-fully",
+    ];
+    let mut last = io::Error::other("no iptables found");
+    for bin in ["iptables-nft", "iptables"] {
+        let run = |op: &str| {
+            std::process::Command::new(bin)
+                .args(["-w", "-t", "nat", op])
+                .args(rule)
+                .output()
+        };
+        match run("-C") {
+            Ok(out) if out.status.success() == present => return Ok(()),
+            Ok(_) => {}
+            Err(e) => {
+                last = e;
+                continue;
+            }
+        }
+        let out = run(if present { "-A" } else { "-D" })?;
+        if out.status.success() {
+            return Ok(());
+        }
+        last = io::Error::other(format!(
+            "{bin}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Err(last)
+}
+
+/// The IPv4 addresses of this network namespace's devices, and its primary address (the
+/// first address of the device the default route leaves through), for NodePorts.
+pub fn node_addresses() -> (Vec<std::net::Ipv4Addr>, Option<std::net::Ipv4Addr>) {
+    let mut addrs: Vec<(String, std::net::Ipv4Addr)> = Vec::new();
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `head` with a list we free once below.
+    if unsafe { libc::getifaddrs(&mut head) } == 0 {
+        let mut cur = head;
+        // SAFETY: walking the list the kernel gave us; every pointer is checked for null.
+        unsafe {
+            while !cur.is_null() {
+                let ifa = &*cur;
+                if !ifa.ifa_addr.is_null()
+                    && i32::from((*ifa.ifa_addr).sa_family) == libc::AF_INET
+                    && !ifa.ifa_name.is_null()
+                {
+                    let sin = &*(ifa.ifa_addr as *const libc::sockaddr_in);
+                    let ip = std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
+                    let name = std::ffi::CStr::from_ptr(ifa.ifa_name)
+                        .to_string_lossy()
+                        .into_owned();
+                    addrs.push((name, ip));
+                }
+                cur = ifa.ifa_next;
+            }
+            libc::freeifaddrs(head);
+        }
+    }
+    let default_dev = fs::read_to_string("/proc/net/route").ok().and_then(|t| {
+        // `Iface Destination Gateway ...`, destination 00000000 is the default route.
+        t.lines()
+            .skip(1)
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .find(|f| f.len() > 1 && f[1] == "00000000")
+            .map(|f| f[0].to_owned())
+    });
+    let primary = default_dev.and_then(|dev| {
+        addrs
+            .iter()
+            .find(|(name, _)| *name == dev)
+            .map(|(_, ip)| *ip)
+    });
+    (addrs.into_iter().map(|(_, ip)| ip).collect(), primary)
 }
 
 /// The datapath's per-CPU decision counters.

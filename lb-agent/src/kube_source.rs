@@ -1,6 +1,7 @@
 //! The Kubernetes API source: reflectors over Services and EndpointSlices, turned into
 //! [`Objects`] snapshots for the same desired-state -> apply path the manifests source
-//! feeds.
+//! feeds; and a reflector over this node's own Node object ([`watch_node`]), for the
+//! node's addresses and labels and for whether it is being drained ([`NodeState`]).
 //!
 //! Level-triggered: the stores are the truth, and every snapshot is taken from them whole.
 //! Watch events only say *when* to take one; no map entry is ever derived from a `Delete`
@@ -9,7 +10,10 @@
 use std::{collections::BTreeMap, path::Path, sync::Arc};
 
 use futures::{FutureExt, StreamExt, stream::BoxStream};
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::{
+    core::v1::{Node, Service},
+    discovery::v1::EndpointSlice,
+};
 use kube::{
     Api, Client, Resource, ResourceExt,
     runtime::{WatchStreamExt, reflector, watcher},
@@ -17,7 +21,10 @@ use kube::{
 use tokio::sync::watch;
 use tracing::{debug, info, instrument, warn};
 
-use crate::model::{Key, Objects};
+use crate::{
+    model::{Key, Objects},
+    telemetry::Telemetry,
+};
 
 /// kube-proxy's Service selector: Services handled by another proxy are not ours.
 /// (Headless Services are skipped by the model.)
@@ -83,6 +90,16 @@ pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, KubeSourceError
 enum Kind {
     Services,
     EndpointSlices,
+}
+
+impl Kind {
+    /// The resource's plural, as metric label.
+    fn label(self) -> &'static str {
+        match self {
+            Self::Services => "services",
+            Self::EndpointSlices => "endpointslices",
+        }
+    }
 }
 
 /// One item from either reflector, reduced to what the sync loop needs.
@@ -191,8 +208,18 @@ struct Progress {
 /// while a lone change is sent at once. Watch failures (including 410 Gone) make the
 /// watchers relist with backoff; the stores, and so the maps, keep their last content
 /// meanwhile, and each failure streak is logged once.
-#[instrument(skip_all)]
 pub async fn run(client: Client, tx: watch::Sender<Option<Objects>>) {
+    run_observed(client, tx, Arc::new(Telemetry::default())).await;
+}
+
+/// [`run`], recording in `telemetry` when a snapshot is queued for the sync loop and when
+/// a watch fails and restarts.
+#[instrument(skip_all)]
+pub async fn run_observed(
+    client: Client,
+    tx: watch::Sender<Option<Objects>>,
+    telemetry: Arc<Telemetry>,
+) {
     let (services, service_stream) = reflect::<Service>(&client, SERVICE_SELECTOR, Kind::Services);
     let (slices, slice_stream) =
         reflect::<EndpointSlice>(&client, ENDPOINT_SLICE_SELECTOR, Kind::EndpointSlices);
@@ -227,6 +254,7 @@ pub async fn run(client: Client, tx: watch::Sender<Option<Objects>>) {
                         debug!(resource = ?kind, error = %e, "watch still failing");
                     }
                     progress.failing = true;
+                    telemetry.watch_restarted(kind.label());
                     signal = next_ready(&mut signals, taken);
                     continue;
                 }
@@ -245,12 +273,246 @@ pub async fn run(client: Client, tx: watch::Sender<Option<Objects>>) {
             // that a burst of events becomes one snapshot.
             signal = next_ready(&mut signals, taken);
         }
-        if dirty
-            && service_progress.listed
-            && slice_progress.listed
-            && tx.send(Some(snapshot(&services, &slices))).is_err()
-        {
-            return;
+        if dirty && service_progress.listed && slice_progress.listed {
+            telemetry.queued();
+            if tx.send(Some(snapshot(&services, &slices))).is_err() {
+                return;
+            }
         }
+    }
+}
+
+/// The taint the cluster autoscaler puts on a node it is about to delete.
+pub const TO_BE_DELETED_TAINT: &str = "ToBeDeletedByClusterAutoscaler";
+
+/// This node as the API shows it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum NodeState {
+    /// Not listed yet, or no API at all (manifests mode).
+    #[default]
+    Unknown,
+    /// The Node object.
+    Present(NodeInfo),
+    /// The Node object was seen, and is gone now.
+    Deleted,
+}
+
+impl NodeState {
+    /// Whether the node may take traffic from external load balancers (kube-proxy's
+    /// `nodeEligible`): true until the API says otherwise, false while the node is being
+    /// deleted or is tainted for deletion by the cluster autoscaler, and once it is gone.
+    pub fn eligible(&self) -> bool {
+        match self {
+            Self::Unknown => true,
+            Self::Present(node) => !node.deleting && !node.to_be_deleted,
+            Self::Deleted => false,
+        }
+    }
+}
+
+/// What the agent uses of its Node object.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeInfo {
+    /// `metadata.name`.
+    pub name: String,
+    /// `status.addresses` as (type, address): `InternalIP`, `ExternalIP`, `Hostname`...
+    pub addresses: Vec<(String, String)>,
+    /// `metadata.labels`.
+    pub labels: BTreeMap<String, String>,
+    /// `metadata.deletionTimestamp` is set.
+    pub deleting: bool,
+    /// Tainted [`TO_BE_DELETED_TAINT`].
+    pub to_be_deleted: bool,
+}
+
+impl From<&Node> for NodeInfo {
+    fn from(node: &Node) -> Self {
+        let addresses = node
+            .status
+            .as_ref()
+            .and_then(|s| s.addresses.as_ref())
+            .map(|list| {
+                list.iter()
+                    .map(|a| (a.type_.clone(), a.address.clone()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let to_be_deleted = node
+            .spec
+            .as_ref()
+            .and_then(|s| s.taints.as_ref())
+            .is_some_and(|taints| taints.iter().any(|t| t.key == TO_BE_DELETED_TAINT));
+        Self {
+            name: node.name_any(),
+            addresses,
+            labels: node.labels().clone(),
+            deleting: node.metadata.deletion_timestamp.is_some(),
+            to_be_deleted,
+        }
+    }
+}
+
+/// Watches the Node named `name` (a `metadata.name` field selector, as kube-proxy does)
+/// and publishes its state to `tx` whenever it changes. Failures are retried with
+/// backoff, counted in `telemetry` and logged once per streak; the last state stays
+/// published meanwhile. Returns when every receiver of `tx` is gone.
+#[instrument(skip_all, fields(node = %name))]
+pub async fn watch_node(
+    client: Client,
+    name: String,
+    tx: watch::Sender<NodeState>,
+    telemetry: Arc<Telemetry>,
+) {
+    let (store, writer) = reflector::store::<Node>();
+    let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
+    let mut events = watcher(Api::<Node>::all(client), config)
+        .default_backoff()
+        .modify(|o| o.managed_fields_mut().clear())
+        .reflect(writer)
+        .boxed();
+    let mut failing = false;
+    loop {
+        let event = tokio::select! {
+            e = events.next() => e,
+            () = tx.closed() => return,
+        };
+        let Some(event) = event else { return };
+        match event {
+            Err(e) => {
+                if !failing {
+                    warn!(error = %e, "node watch failed; retrying with backoff, keeping the last state");
+                }
+                failing = true;
+                telemetry.watch_restarted("nodes");
+                continue;
+            }
+            Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => continue,
+            Ok(watcher::Event::InitDone | watcher::Event::Apply(_) | watcher::Event::Delete(_)) => {
+            }
+        }
+        if failing {
+            info!("node watch recovered");
+            failing = false;
+        }
+        let node = store.state().into_iter().find(|n| n.name_any() == name);
+        tx.send_if_modified(|current| {
+            let next = match (&node, &*current) {
+                (Some(n), _) => NodeState::Present(NodeInfo::from(n.as_ref())),
+                (None, NodeState::Unknown) => NodeState::Unknown,
+                (None, _) => NodeState::Deleted,
+            };
+            if next == *current {
+                return false;
+            }
+            if next.eligible() != current.eligible() {
+                info!(
+                    eligible = next.eligible(),
+                    state = ?next,
+                    "node eligibility changed; /healthz reports it"
+                );
+            } else {
+                debug!(state = ?next, "node updated");
+            }
+            *current = next;
+            true
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_eligibility() {
+        let node = |deleting: bool, taint: Option<&str>| {
+            let mut n: Node = serde_json::from_value(serde_json::json!({
+                "metadata": { "name": "n1", "labels": { "zone": "a" } },
+                "status": { "addresses": [{ "type": "InternalIP", "address": "10.0.0.1" }] },
+            }))
+            .unwrap();
+            if deleting {
+                n.metadata.deletion_timestamp =
+                    Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                        jiff::Timestamp::UNIX_EPOCH,
+                    ));
+            }
+            if let Some(key) = taint {
+                n.spec = Some(k8s_openapi::api::core::v1::NodeSpec {
+                    taints: Some(vec![k8s_openapi::api::core::v1::Taint {
+                        key: key.to_owned(),
+                        effect: "NoSchedule".to_owned(),
+                        ..Default::default()
+                    }]),
+                    ..Default::default()
+                });
+            }
+            NodeState::Present(NodeInfo::from(&n))
+        };
+        assert!(NodeState::Unknown.eligible());
+        assert!(!NodeState::Deleted.eligible());
+        let healthy = node(false, Some("other"));
+        assert!(healthy.eligible());
+        let NodeState::Present(info) = &healthy else {
+            unreachable!()
+        };
+        assert_eq!(info.addresses, [("InternalIP".into(), "10.0.0.1".into())]);
+        assert_eq!(info.labels.get("zone").map(String::as_str), Some("a"));
+        assert!(!node(true, None).eligible());
+        assert!(!node(false, Some(TO_BE_DELETED_TAINT)).eligible());
+    }
+
+    /// The node reflector against the fake apiserver: only the named Node is watched, and
+    /// its taint, deletion and disappearance show in the published state.
+    #[tokio::test]
+    async fn node_watch_follows_the_named_node() {
+        let fake = fake_apiserver::FakeApiServer::start().await.unwrap();
+        let client = Client::try_from(kube::Config::new(fake.url().parse().unwrap())).unwrap();
+        let node = |name: &str, taint: Option<&str>| {
+            let taints: Vec<serde_json::Value> = taint
+                .map(|k| serde_json::json!({ "key": k, "effect": "NoSchedule" }))
+                .into_iter()
+                .collect();
+            serde_json::json!({
+                "apiVersion": "v1", "kind": "Node",
+                "metadata": { "name": name },
+                "spec": { "taints": taints },
+            })
+        };
+        fake.upsert(node("other", Some(TO_BE_DELETED_TAINT)))
+            .unwrap();
+        let (tx, rx) = watch::channel(NodeState::Unknown);
+        let task = tokio::spawn(watch_node(
+            client,
+            "me".into(),
+            tx,
+            Arc::new(Telemetry::default()),
+        ));
+        let wait =
+            |rx: &watch::Receiver<NodeState>, what: &'static str, pred: fn(&NodeState) -> bool| {
+                let mut rx = rx.clone();
+                async move {
+                    tokio::time::timeout(std::time::Duration::from_secs(10), rx.wait_for(pred))
+                        .await
+                        .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+                        .map(|s| s.clone())
+                        .unwrap()
+                }
+            };
+        fake.upsert(node("me", None)).unwrap();
+        let state = wait(&rx, "the node", |s| matches!(s, NodeState::Present(_))).await;
+        assert!(state.eligible());
+        fake.upsert(node("me", Some(TO_BE_DELETED_TAINT))).unwrap();
+        wait(&rx, "the taint", |s| !s.eligible()).await;
+        fake.upsert(node("me", None)).unwrap();
+        wait(&rx, "the taint removed", NodeState::eligible).await;
+        assert!(fake.delete("Node", "", "me"));
+        wait(&rx, "the deletion", |s| *s == NodeState::Deleted).await;
+        assert!(
+            fake.requests()
+                .iter()
+                .any(|r| r.contains("fieldSelector=metadata.name%3Dme"))
+        );
+        task.abort();
     }
 }

@@ -6,9 +6,12 @@
 //! [`maps::ServiceMaps`] seam, which [`datapath`] implements over the pinned BPF maps.
 pub mod apply;
 pub mod datapath;
+pub mod features;
 pub mod frames;
+pub mod http;
 pub mod kube_source;
 pub mod manifests;
 pub mod maps;
 pub mod model;
 pub mod state;
+pub mod telemetry;

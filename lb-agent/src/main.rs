@@ -5,6 +5,7 @@ use std::{
     collections::BTreeSet,
     path::PathBuf,
     process::ExitCode,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -12,10 +13,11 @@ use clap::Parser;
 use lb_agent::{
     apply::Applier,
     datapath::{self, Datapath, DevicePatterns, LinkMonitor},
-    kube_source,
+    http, kube_source,
     manifests::{ManifestDir, Scan},
     model,
     state::{ChangedKeys, DesiredCache},
+    telemetry::{self, LogFormat, SyncKind, Telemetry},
 };
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
@@ -45,9 +47,19 @@ struct Cli {
     #[arg(long, value_name = "NAME")]
     hostname_override: Option<String>,
 
+    /// Which of the node's addresses answer NodePorts: comma-separated CIDRs, or
+    /// `primary` (the address of the default route's device). Default: every address
+    /// except loopback ones.
+    #[arg(long, value_name = "CIDRS", value_parser = model::NodePortAddresses::parse)]
+    nodeport_addresses: Option<model::NodePortAddresses>,
+
     /// Devices to attach to: comma-separated names or globs (`veth*,eth0`). Matching
     /// devices that appear later (pod veths) are attached when they appear.
-    #[arg(long, value_name = "LIST", required_unless_present = "dry_run")]
+    #[arg(
+        long,
+        value_name = "LIST",
+        required_unless_present_any = ["dry_run", "cleanup", "kernel_features"]
+    )]
     devices: Option<String>,
 
     /// Directory on bpffs where maps and links that outlive the agent are pinned
@@ -68,15 +80,48 @@ struct Cli {
     #[arg(long, requires = "manifests")]
     dry_run: bool,
 
+    /// Remove the agent's programs and maps from this node (everything pinned under
+    /// `--bpffs-root`) and exit: after the agent is removed, e.g. when rolling back to
+    /// kube-proxy. Established connections through Services are not kept.
+    #[arg(long, conflicts_with_all = ["dry_run", "manifests", "kubeconfig"])]
+    cleanup: bool,
+
+    /// Probe what this kernel offers the datapath (map types, helpers, tcx, netlink TC),
+    /// print one line per feature and how the programs would be attached, and exit
+    /// (non-zero if the agent cannot run here). Loads the programs into a temporary pin
+    /// directory beside `--bpffs-root` and removes it; attaches nothing.
+    #[arg(long, conflicts_with_all = ["dry_run", "manifests", "kubeconfig", "cleanup"])]
+    kernel_features: bool,
+
+    /// Detach the programs when the agent stops. By default they stay attached with the
+    /// last tables and keep translating until the next agent takes them over, as
+    /// kube-proxy's rules stay in place when kube-proxy stops.
+    #[arg(long)]
+    detach_on_exit: bool,
+
     /// Log filter (tracing EnvFilter syntax, e.g. `info`, `lb_agent=debug`); the
     /// `LB_LOG` environment variable is used when this is not given.
     #[arg(long, value_name = "FILTER")]
     log_level: Option<String>,
+
+    /// Log line format: `text`, or `json` (one object per line).
+    #[arg(long, value_name = "FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+
+    /// Address (IP:PORT) of the health server: `/healthz` and `/livez`, with kube-proxy's
+    /// meaning and JSON bodies. Empty disables it.
+    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:10256")]
+    healthz_bind_address: String,
+
+    /// Address (IP:PORT) of the metrics server: `/metrics` (Prometheus text format).
+    /// Empty disables it.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:10249")]
+    metrics_bind_address: String,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_level.as_deref());
+    telemetry::init_logging(cli.log_level.as_deref(), cli.log_format);
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -97,18 +142,6 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging(filter: Option<&str>) {
-    use tracing_subscriber::EnvFilter;
-    let filter = match filter {
-        Some(f) => EnvFilter::new(f),
-        None => EnvFilter::try_from_env("LB_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
-    };
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
-}
-
 /// Where objects come from.
 enum Source {
     /// A manifests directory, rescanned every tick.
@@ -120,6 +153,7 @@ enum Source {
     Kube {
         rx: tokio::sync::watch::Receiver<Option<model::Objects>>,
         task: tokio::task::JoinHandle<()>,
+        node_task: tokio::task::JoinHandle<()>,
     },
 }
 
@@ -170,8 +204,12 @@ impl Source {
 
 impl Drop for Source {
     fn drop(&mut self) {
-        if let Self::Kube { task, .. } = self {
+        if let Self::Kube {
+            task, node_task, ..
+        } = self
+        {
             task.abort();
+            node_task.abort();
         }
     }
 }
@@ -185,8 +223,77 @@ fn node_name(cli: &Cli) -> String {
     })
 }
 
+/// Where the agent runs, read now: the node's name and its addresses that answer
+/// NodePorts (they change as devices come and go).
+fn node_context(node: &str, cli: &Cli) -> model::NodeContext {
+    let (addrs, primary) = datapath::node_addresses();
+    let selection = cli.nodeport_addresses.clone().unwrap_or_default();
+    model::NodeContext {
+        node_name: node.to_owned(),
+        nodeport_addrs: selection.select(&addrs, primary),
+        ..model::NodeContext::default()
+    }
+}
+
+/// `--kernel-features`: loads the programs into a scratch pin directory (the probes of
+/// the attach methods need a loaded program), prints the probe results, removes it.
+fn kernel_features(cli: &Cli) -> anyhow::Result<()> {
+    let scratch = cli
+        .bpffs_root
+        .with_file_name(format!("lb-features-{}", std::process::id()));
+    datapath::prepare(&scratch)?;
+    let loaded = Datapath::load(&scratch, cli.ebpf_object.as_deref());
+    let verdict = match &loaded {
+        Ok(dp) => {
+            for f in dp.features().all() {
+                println!("{}\t{}\t{}", f.name, f.since, f.probe);
+            }
+            println!("kernel\t{}", dp.features().kernel);
+            match dp.features().attach_mode() {
+                Ok(mode) => Ok(mode),
+                Err((feature, detail)) => Err(anyhow::anyhow!("{feature}: {detail}")),
+            }
+        }
+        Err(e) => Err(anyhow::anyhow!("{e}")),
+    };
+    drop(loaded);
+    // Only the scratch maps: `datapath::cleanup` would also detach a running agent's
+    // netlink filters from this namespace's devices.
+    std::fs::remove_dir_all(&scratch)
+        .map_err(|e| anyhow::anyhow!("removing {}: {e}", scratch.display()))?;
+    match verdict {
+        Ok(mode) => {
+            println!("attach\t{mode:?}");
+            Ok(())
+        }
+        Err(e) => {
+            println!("attach\trefused: {e}");
+            Err(e)
+        }
+    }
+}
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    if cli.cleanup {
+        let done = datapath::cleanup(&cli.bpffs_root)?;
+        if let Err(e) = datapath::remove_snat_rule() {
+            warn!(error = %e, "cannot remove the masquerade rule");
+        }
+        info!(
+            root = %cli.bpffs_root.display(),
+            links = done.links,
+            maps = done.maps,
+            "removed the datapath: programs detached, maps unpinned"
+        );
+        return Ok(());
+    }
+    if cli.kernel_features {
+        return kernel_features(&cli);
+    }
     let poll_every = Duration::from_millis(cli.poll_interval_ms.max(10));
+    let telemetry = Arc::new(Telemetry::default());
+    // This node's Node object (manifests mode has none: the state stays `Unknown`).
+    let (node_tx, node_rx) = tokio::sync::watch::channel(kube_source::NodeState::Unknown);
     let mut source = match &cli.manifests {
         Some(path) => Source::Dir {
             dir: ManifestDir::open(path)?,
@@ -195,8 +302,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         None => {
             let client = kube_source::client(cli.kubeconfig.as_deref()).await?;
             let (tx, rx) = tokio::sync::watch::channel(None);
-            let task = tokio::spawn(kube_source::run(client, tx));
-            Source::Kube { rx, task }
+            let node_task = tokio::spawn(kube_source::watch_node(
+                client.clone(),
+                node_name(&cli),
+                node_tx,
+                telemetry.clone(),
+            ));
+            let task = tokio::spawn(kube_source::run_observed(client, tx, telemetry.clone()));
+            Source::Kube {
+                rx,
+                task,
+                node_task,
+            }
         }
     };
     // Stored for node-local policies (externalTrafficPolicy: Local, topology hints).
@@ -207,7 +324,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             &mut BTreeSet::new(),
             scan.problems.iter().map(ToString::to_string),
         );
-        let desired = model::desired_state(&scan.objects);
+        let desired = model::desired_state(&scan.objects, &node_context(&node, &cli));
         report_problems(
             &mut BTreeSet::new(),
             desired.problems.iter().map(ToString::to_string),
@@ -220,8 +337,28 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     datapath::prepare(&cli.bpffs_root)?;
     let mut dp = Datapath::load(&cli.bpffs_root, cli.ebpf_object.as_deref())?;
     let mut maps = dp.service_maps()?;
-    let metrics = dp.metrics()?;
+    let metrics = Arc::new(dp.metrics()?);
     let applier = Applier::adopt(&maps)?;
+    if let Err(e) = datapath::ensure_snat_rule() {
+        warn!(error = %e, "cannot add the masquerade rule: north-south flows to backends on other nodes will not get their replies");
+    }
+
+    // Served from before the first sync: healthy while starting up, as kube-proxy is.
+    let sources = http::Sources {
+        telemetry: telemetry.clone(),
+        node: node_rx,
+        datapath: metrics.clone(),
+        maps: Arc::new(
+            http::MapStats::open(&cli.bpffs_root)
+                .map_err(|e| anyhow::anyhow!("opening the pinned maps for metrics: {e}"))?,
+        ),
+    };
+    let _health_server = http::bind("--healthz-bind-address", &cli.healthz_bind_address)
+        .await?
+        .map(|l| AbortOnDrop(http::serve_health(l, sources.clone())));
+    let _metrics_server = http::bind("--metrics-bind-address", &cli.metrics_bind_address)
+        .await?
+        .map(|l| AbortOnDrop(http::serve_metrics(l, sources)));
 
     // First sync before attaching to new devices: packets that reach the programs always
     // see a complete table (after a restart, the adopted one until this sync lands). For
@@ -233,7 +370,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         _ = sigterm.recv() => return Ok(()),
         _ = sigint.recv() => return Ok(()),
     };
-    let mut syncer = Syncer::new(applier);
+    let mut syncer = Syncer::new(applier, telemetry, node_context(&node, &cli));
     syncer.sync(first, &mut maps);
 
     dp.remove_stale_link_pins();
@@ -265,16 +402,28 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     std::future::pending::<()>().await;
                 }
                 dp.sync_devices(&patterns);
+                syncer.set_context(node_context(&node, &cli), &mut maps);
             }
-            _ = device_rescan.tick() => { dp.sync_devices(&patterns); }
+            _ = device_rescan.tick() => {
+                dp.sync_devices(&patterns);
+                syncer.set_context(node_context(&node, &cli), &mut maps);
+            }
             _ = stats_tick.tick() => {
                 let counters = metrics.snapshot();
                 info!(counters = ?counters, "datapath counters");
             }
         }
     }
-    info!("shutting down: detaching programs (maps stay pinned for the next agent)");
-    dp.detach_all();
+    if cli.detach_on_exit {
+        info!("shutting down: detaching programs (maps stay pinned for the next agent)");
+        dp.detach_all();
+    } else {
+        info!(
+            root = %cli.bpffs_root.display(),
+            "shutting down: programs stay attached with the last tables until the next \
+             agent takes over (`lb-agent --cleanup` removes them)"
+        );
+    }
     Ok(())
 }
 
@@ -289,28 +438,39 @@ struct Syncer {
     last: model::Objects,
     first_done: bool,
     reported: BTreeSet<String>,
+    telemetry: Arc<Telemetry>,
 }
 
 impl Syncer {
-    fn new(applier: Applier) -> Self {
+    fn new(applier: Applier, telemetry: Arc<Telemetry>, ctx: model::NodeContext) -> Self {
         Self {
             applier,
-            cache: DesiredCache::new(),
+            cache: DesiredCache::new(ctx),
             last: model::Objects::default(),
             first_done: false,
             reported: BTreeSet::new(),
+            telemetry,
         }
     }
 
     fn sync(&mut self, scan: Scan, maps: &mut datapath::BpfMaps) {
         let started = Instant::now();
+        // The API source queues when it hands a snapshot over; a rescan of the manifests
+        // directory is queued here, as it is synced at once.
+        self.telemetry.queued();
+        let triggers = telemetry::change_trigger_times(&self.last, &scan.objects);
+        let kind = if self.first_done {
+            SyncKind::Partial
+        } else {
+            SyncKind::Full
+        };
         let result = if self.first_done {
             let changed = ChangedKeys::between(&self.last, &scan.objects);
             let delta = self.cache.update(&scan.objects, &changed);
             self.applier
                 .sync_frontends(self.cache.services(), delta.frontends(), maps)
         } else {
-            self.cache = DesiredCache::build(&scan.objects).0;
+            self.cache = DesiredCache::build(&scan.objects, self.cache.context().clone()).0;
             self.first_done = true;
             self.applier.sync_services(self.cache.services(), maps)
         };
@@ -318,6 +478,10 @@ impl Syncer {
         problems.extend(self.cache.problems().map(ToString::to_string));
         match result {
             Ok(stats) => {
+                self.telemetry
+                    .synced(kind, started.elapsed(), Ok(&triggers));
+                self.telemetry
+                    .sync_errors("program_service", stats.failed.len());
                 problems.extend(stats.failed.iter().map(ToString::to_string));
                 info!(
                     services = self.cache.services().len(),
@@ -327,10 +491,43 @@ impl Syncer {
                     "synced"
                 );
             }
-            Err(e) => error!("sync failed: {e}"),
+            Err(e) => {
+                self.telemetry
+                    .synced(kind, started.elapsed(), Err(e.metric_label()));
+                error!("sync failed: {e}");
+            }
         }
         self.last = scan.objects;
         report_problems(&mut self.reported, problems);
+        self.telemetry.set_problems(self.reported.len());
+    }
+}
+
+impl Syncer {
+    /// Follows a change of the node (its addresses, for NodePorts): recomputes every
+    /// Service for the new context and writes the frontends that changed.
+    fn set_context(&mut self, ctx: model::NodeContext, maps: &mut datapath::BpfMaps) {
+        if *self.cache.context() == ctx {
+            return;
+        }
+        info!(nodeport_addresses = ?ctx.nodeport_addrs, "node addresses changed");
+        let delta = self.cache.set_context(&self.last, ctx);
+        match self
+            .applier
+            .sync_frontends(self.cache.services(), delta.frontends(), maps)
+        {
+            Ok(stats) => {
+                for p in stats.failed.iter().map(ToString::to_string) {
+                    warn!("{p}");
+                }
+            }
+            Err(e) => error!("sync failed: {e}"),
+        }
+        for p in self.cache.problems().map(ToString::to_string) {
+            if self.reported.insert(p.clone()) {
+                warn!("{p}");
+            }
+        }
     }
 }
 
@@ -345,4 +542,13 @@ fn report_problems(reported: &mut BTreeSet<String>, current: impl IntoIterator<I
         info!("resolved: {p}");
     }
     *reported = current;
+}
+
+/// Aborts a spawned task when dropped (the HTTP servers end with `run`).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }

@@ -5,7 +5,7 @@
 //! above this trait knows it talks to BPF.
 use std::collections::BTreeMap;
 
-use lb_common::{Backend, ServiceKey, ServiceValue};
+use lb_common::{Backend, ServiceKey, ServiceValue, SourceRangeKey};
 
 /// A map operation that failed, naming the map, the operation and the key.
 #[derive(Debug, thiserror::Error)]
@@ -32,7 +32,9 @@ impl MapError {
     }
 }
 
-/// Read and write access to the services and backends maps.
+/// Read and write access to the services, backends and source ranges maps. A source
+/// range is a [`SourceRangeKey`] (service id, network address) plus the client prefix
+/// length, 0..=32.
 pub trait ServiceMaps {
     /// Every entry of the services map (used to re-adopt state after a restart).
     fn services(&self) -> Result<Vec<(ServiceKey, ServiceValue)>, MapError>;
@@ -46,6 +48,12 @@ pub trait ServiceMaps {
     fn put_backend(&mut self, id: u32, backend: &Backend) -> Result<(), MapError>;
     /// Remove one backend; removing a missing id is not an error.
     fn del_backend(&mut self, id: u32) -> Result<(), MapError>;
+    /// Every source range.
+    fn source_ranges(&self) -> Result<Vec<(SourceRangeKey, u8)>, MapError>;
+    /// Insert one source range.
+    fn put_source_range(&mut self, key: &SourceRangeKey, len: u8) -> Result<(), MapError>;
+    /// Remove one source range; removing a missing one is not an error.
+    fn del_source_range(&mut self, key: &SourceRangeKey, len: u8) -> Result<(), MapError>;
 }
 
 /// In-memory [`ServiceMaps`] with optional capacities, for tests of the apply logic.
@@ -55,6 +63,8 @@ pub struct MemMaps {
     pub services: BTreeMap<ServiceKey, ServiceValue>,
     /// Backends.
     pub backends: BTreeMap<u32, Backend>,
+    /// Source ranges.
+    pub source_ranges: std::collections::BTreeSet<(SourceRangeKey, u8)>,
     /// Maximum number of services entries (`None`: unbounded).
     pub services_capacity: Option<usize>,
     /// Every write in order, for tests that check ordering and incrementality.
@@ -72,6 +82,10 @@ pub enum MemOp {
     PutBackend(u32, Backend),
     /// `del_backend`.
     DelBackend(u32),
+    /// `put_source_range`.
+    PutSourceRange(SourceRangeKey, u8),
+    /// `del_source_range`.
+    DelSourceRange(SourceRangeKey, u8),
 }
 
 impl ServiceMaps for MemMaps {
@@ -115,6 +129,22 @@ impl ServiceMaps for MemMaps {
     fn del_backend(&mut self, id: u32) -> Result<(), MapError> {
         self.backends.remove(&id);
         self.log.push(MemOp::DelBackend(id));
+        Ok(())
+    }
+
+    fn source_ranges(&self) -> Result<Vec<(SourceRangeKey, u8)>, MapError> {
+        Ok(self.source_ranges.iter().copied().collect())
+    }
+
+    fn put_source_range(&mut self, key: &SourceRangeKey, len: u8) -> Result<(), MapError> {
+        self.source_ranges.insert((*key, len));
+        self.log.push(MemOp::PutSourceRange(*key, len));
+        Ok(())
+    }
+
+    fn del_source_range(&mut self, key: &SourceRangeKey, len: u8) -> Result<(), MapError> {
+        self.source_ranges.remove(&(*key, len));
+        self.log.push(MemOp::DelSourceRange(*key, len));
         Ok(())
     }
 }

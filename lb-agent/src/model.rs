@@ -17,6 +17,17 @@
 //! - A selectorless Service may be backed by a hand-written v1 `Endpoints` object; it is
 //!   used when no EndpointSlice exists for the Service, as the EndpointSlice mirroring
 //!   controller would mirror it.
+//! - Besides its ClusterIPs, a Service port is a frontend on every node address that
+//!   answers NodePorts (type `NodePort` or `LoadBalancer`, `nodePort` within the NodePort
+//!   range), on each `externalIPs` entry, and on each `status.loadBalancer.ingress` IP
+//!   (type `LoadBalancer`; `ipMode: Proxy` ingresses are left to the load balancer).
+//!   Only clients within `loadBalancerSourceRanges` may reach the LoadBalancer IPs.
+//! - Traffic policies: with `internalTrafficPolicy: Local` the ClusterIPs, and with
+//!   `externalTrafficPolicy: Local` the NodePorts, externalIPs and LoadBalancer IPs, use
+//!   only endpoints on this node ([`NodeContext::node_name`]), with the KEP-1669 fallback
+//!   applied per locality (local ready ones, else local serving-terminating ones). When a
+//!   policy leaves a frontend without endpoints while the Service has some elsewhere, its
+//!   traffic is dropped; a Service without any usable endpoint is rejected.
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
@@ -101,6 +112,142 @@ impl fmt::Display for Problem {
 /// Namespace and name, the key of every object map.
 pub type Key = (String, String);
 
+/// The lowest and highest NodePort the apiserver hands out by default
+/// (`--service-node-port-range`).
+pub const DEFAULT_NODEPORT_RANGE: (u16, u16) = (30_000, 32_767);
+
+/// What the desired state depends on besides the objects: where the agent runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeContext {
+    /// This node's name, as endpoints' `nodeName` gives it: endpoints with this name are
+    /// local for the `Local` traffic policies.
+    pub node_name: String,
+    /// The node's addresses that answer NodePorts (`--nodeport-addresses` applied).
+    pub nodeport_addrs: BTreeSet<Ipv4Addr>,
+    /// NodePorts outside this inclusive range are reported and not programmed.
+    pub nodeport_range: (u16, u16),
+}
+
+impl Default for NodeContext {
+    fn default() -> Self {
+        Self {
+            node_name: String::new(),
+            nodeport_addrs: BTreeSet::new(),
+            nodeport_range: DEFAULT_NODEPORT_RANGE,
+        }
+    }
+}
+
+/// An IPv4 prefix (`10.0.0.0/8`), host bits zero.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Cidr {
+    /// The network address.
+    pub addr: Ipv4Addr,
+    /// The prefix length, 0..=32.
+    pub len: u8,
+}
+
+impl Cidr {
+    /// Whether `ip` is within the prefix.
+    pub fn contains(&self, ip: Ipv4Addr) -> bool {
+        let mask = u32::MAX.checked_shl(32 - u32::from(self.len)).unwrap_or(0);
+        u32::from(ip) & mask == u32::from(self.addr)
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
+/// A parsed `ADDR/LEN`: IPv4 (host bits cleared, as Kubernetes' own parser does) or IPv6
+/// (only recognised, to be skipped like kube-proxy skips the other family).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ParsedCidr {
+    /// An IPv4 prefix.
+    V4(Cidr),
+    /// An IPv6 prefix.
+    V6,
+}
+
+/// Parses `ADDR/LEN` (surrounding blanks allowed).
+pub fn parse_cidr(text: &str) -> Option<ParsedCidr> {
+    let (addr, len) = text.trim().split_once('/')?;
+    let len: u8 = len.parse().ok()?;
+    match addr.parse::<IpAddr>().ok()? {
+        IpAddr::V4(a) if len <= 32 => {
+            let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
+            Some(ParsedCidr::V4(Cidr {
+                addr: Ipv4Addr::from(u32::from(a) & mask),
+                len,
+            }))
+        }
+        IpAddr::V6(_) if len <= 128 => Some(ParsedCidr::V6),
+        _ => None,
+    }
+}
+
+/// `--nodeport-addresses`: which of the node's addresses answer NodePorts.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum NodePortAddresses {
+    /// Every address of the node except loopback ones (the default).
+    #[default]
+    All,
+    /// The node's primary address: the first address of the device of the default route.
+    Primary,
+    /// The addresses within any of these prefixes.
+    Within(Vec<Cidr>),
+}
+
+impl NodePortAddresses {
+    /// Parses the flag: `primary`, or comma-separated IPv4 CIDRs (IPv6 ones are accepted
+    /// and match nothing, as this datapath is IPv4 only). Empty means all.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let items: Vec<&str> = text
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .collect();
+        if items.is_empty() {
+            return Ok(Self::All);
+        }
+        if items == ["primary"] {
+            return Ok(Self::Primary);
+        }
+        let mut cidrs = Vec::new();
+        for item in items {
+            match parse_cidr(item) {
+                Some(ParsedCidr::V4(c)) => cidrs.push(c),
+                Some(ParsedCidr::V6) => {}
+                None if item == "primary" => {
+                    return Err("`primary` cannot be combined with CIDRs".to_owned());
+                }
+                None => return Err(format!("{item:?} is not a CIDR (ADDR/LEN) nor `primary`")),
+            }
+        }
+        Ok(Self::Within(cidrs))
+    }
+
+    /// The addresses, among the node's `addrs`, that answer NodePorts; `primary` is the
+    /// node's primary address, if it has one.
+    pub fn select(&self, addrs: &[Ipv4Addr], primary: Option<Ipv4Addr>) -> BTreeSet<Ipv4Addr> {
+        match self {
+            Self::All => addrs
+                .iter()
+                .filter(|a| !a.is_loopback() && !a.is_unspecified())
+                .copied()
+                .collect(),
+            Self::Primary => primary.into_iter().collect(),
+            Self::Within(cidrs) => addrs
+                .iter()
+                .filter(|a| cidrs.iter().any(|c| c.contains(**a)))
+                .copied()
+                .collect(),
+        }
+    }
+}
+
 /// All objects a source currently holds.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Objects {
@@ -139,15 +286,47 @@ impl Protocol {
     }
 }
 
-/// A Service port on one ClusterIP.
+/// A Service port on one address: a ClusterIP, a node address (NodePort), an externalIP
+/// or a LoadBalancer IP. Whatever its kind, the datapath knows a frontend by this triple.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Frontend {
-    /// The ClusterIP.
+    /// The address.
     pub addr: Ipv4Addr,
-    /// The Service port.
+    /// The Service port (the nodePort for a NodePort frontend).
     pub port: u16,
     /// The protocol.
     pub proto: Protocol,
+}
+
+/// What kind of address a frontend is on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum FrontendKind {
+    /// A ClusterIP (internal traffic).
+    ClusterIp,
+    /// A node address with a nodePort.
+    NodePort,
+    /// An `externalIPs` entry.
+    ExternalIp,
+    /// A `status.loadBalancer.ingress` IP.
+    LoadBalancer,
+}
+
+impl FrontendKind {
+    /// The Kubernetes spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ClusterIp => "ClusterIP",
+            Self::NodePort => "NodePort",
+            Self::ExternalIp => "externalIP",
+            Self::LoadBalancer => "LoadBalancer",
+        }
+    }
+
+    /// Whether the frontend is reached from outside the cluster network, so that
+    /// `externalTrafficPolicy` applies to it.
+    pub fn is_external(self) -> bool {
+        self != Self::ClusterIp
+    }
 }
 
 impl fmt::Display for Frontend {
@@ -184,6 +363,18 @@ pub struct DesiredService {
     pub terminating: Vec<BackendAddr>,
     /// `sessionAffinity: ClientIP` timeout, if set.
     pub affinity_timeout_s: Option<u32>,
+    /// The kind of address the frontend is on.
+    pub kind: FrontendKind,
+    /// Only clients within these prefixes may open flows (`loadBalancerSourceRanges`);
+    /// `None`: any client. `Some` and empty: no client.
+    pub source_ranges: Option<Vec<Cidr>>,
+    /// With no active backend, drop rather than reject: a `Local` traffic policy leaves
+    /// this frontend without endpoints while the Service has endpoints elsewhere.
+    pub drop_when_empty: bool,
+    /// Backends (of `active` and `terminating`) that run on another node, reached through
+    /// this north-south frontend: their flows get the node's address as source, so that
+    /// replies come back through this node. Sorted; empty for ClusterIPs.
+    pub snat: Vec<BackendAddr>,
 }
 
 /// The desired tables plus everything that was wrong with the input.
@@ -209,6 +400,10 @@ impl Desired {
                     "backends": svc.active.iter().map(ToString::to_string).collect::<Vec<_>>(),
                     "terminating": svc.terminating.iter().map(ToString::to_string).collect::<Vec<_>>(),
                     "session_affinity_timeout_s": svc.affinity_timeout_s,
+                    "kind": svc.kind.as_str(),
+                    "source_ranges": svc.source_ranges.as_ref().map(|r| r.iter().map(ToString::to_string).collect::<Vec<_>>()),
+                    "drop_when_empty": svc.drop_when_empty,
+                    "snat": svc.snat.iter().map(ToString::to_string).collect::<Vec<_>>(),
                 })
             })
             .collect();
@@ -224,13 +419,15 @@ struct Seen {
     ready: bool,
     serving: bool,
     terminating: bool,
+    /// On this node (`nodeName` is [`NodeContext::node_name`]).
+    local: bool,
 }
 
-/// Computes the desired tables from `objects`.
+/// Computes the desired tables from `objects` for the node `ctx` describes.
 ///
 /// This is the reference: [`crate::state::DesiredCache`] keeps the same result up to date
 /// one Service at a time, and its tests compare the two.
-pub fn desired_state(objects: &Objects) -> Desired {
+pub fn desired_state(objects: &Objects, ctx: &NodeContext) -> Desired {
     let mut problems = BTreeSet::new();
     let mut services: BTreeMap<Frontend, DesiredService> = BTreeMap::new();
     let slices_by_service = group_slices(objects);
@@ -240,7 +437,7 @@ pub fn desired_state(objects: &Objects) -> Desired {
         let slices = slices_by_service
             .get(&(key.0.as_str(), key.1.as_str()))
             .map_or(&[][..], Vec::as_slice);
-        let claims = service_claims(objects, key, svc, slices);
+        let claims = service_claims(objects, key, svc, slices, ctx);
         for (fe, entry) in &claims.frontends {
             services.entry(*fe).or_insert_with(|| entry.clone());
         }
@@ -267,20 +464,37 @@ pub struct ServiceClaims {
 }
 
 impl ServiceClaims {
+    /// Claims `fe` with `entry`, unless the Service already did (then it is repeated).
+    fn claim(&mut self, fe: Frontend, entry: DesiredService) {
+        match self.frontends.entry(fe) {
+            std::collections::btree_map::Entry::Occupied(_) => {
+                self.repeated.insert(fe);
+            }
+            std::collections::btree_map::Entry::Vacant(v) => {
+                v.insert(entry);
+            }
+        }
+    }
+
     /// The Service's problems once `winner` tells which Service holds each frontend: its
-    /// own, plus one per frontend lost to another Service, or repeated while held.
+    /// own, plus one per frontend lost to another Service, or repeated while held. A
+    /// nodePort is one problem whatever the number of node addresses.
     pub fn problems_with<'o>(
         &self,
         mut winner: impl FnMut(&Frontend) -> Option<&'o ObjectRef>,
     ) -> BTreeSet<Problem> {
         let mut problems = self.problems.clone();
-        for fe in self.frontends.keys() {
+        for (fe, entry) in &self.frontends {
+            let what = match entry.kind {
+                FrontendKind::NodePort => format!("nodePort {}/{}", fe.port, fe.proto.as_str()),
+                _ => fe.to_string(),
+            };
             let reason = match winner(fe) {
                 Some(w) if *w != self.owner => {
-                    format!("{fe} is already claimed by {w}; this port is ignored")
+                    format!("{what} is already claimed by {w}; this port is ignored")
                 }
                 _ if self.repeated.contains(fe) => {
-                    format!("{fe} is defined twice in this Service; the second is ignored")
+                    format!("{what} is defined twice in this Service; the second is ignored")
                 }
                 _ => continue,
             };
@@ -290,13 +504,14 @@ impl ServiceClaims {
     }
 }
 
-/// What Service `key` claims, given its EndpointSlices (as [`slice_service`] assigns
-/// them; none: its v1 Endpoints are used).
+/// What Service `key` claims on the node `ctx` describes, given its EndpointSlices (as
+/// [`slice_service`] assigns them; none: its v1 Endpoints are used).
 pub fn service_claims(
     objects: &Objects,
     key: &Key,
     svc: &Service,
     slices: &[&EndpointSlice],
+    ctx: &NodeContext,
 ) -> ServiceClaims {
     let (ns, name) = (key.0.as_str(), key.1.as_str());
     let owner = ObjectRef::new("Service", ns, name);
@@ -356,7 +571,14 @@ pub fn service_claims(
     if let Some(reason) = affinity_problem {
         problems.insert(Problem::new(owner.clone(), reason));
     }
-    let endpoints = endpoints_of(objects, ns, name, slices);
+    let endpoints = endpoints_of(objects, ns, name, slices, &ctx.node_name);
+    let north_south = NorthSouth::of(svc, spec, &owner, problems);
+    let internal_local = spec.internal_traffic_policy.as_deref() == Some("Local");
+    // As kube-proxy: the external policy only counts for a Service reachable from
+    // outside (a ClusterIP Service has nothing it could apply to).
+    let external_local =
+        spec.external_traffic_policy.as_deref() == Some("Local") && north_south.reachable;
+    let mut claimed: Vec<(Frontend, DesiredService)> = Vec::new();
     for port in spec.ports.iter().flatten() {
         let port_name = port.name.clone().unwrap_or_default();
         let what = if port_name.is_empty() {
@@ -396,30 +618,201 @@ pub fn service_claims(
             ));
             continue;
         }
-        let (active, terminating) = select_endpoints(&endpoints, &port_name, proto);
-        for addr in &addrs {
-            let fe = Frontend {
-                addr: *addr,
-                port: svc_port,
-                proto,
+        let eps = categorize(&endpoints, &port_name, proto);
+        // kube-proxy's "all locally reachable endpoints": when even those are none, every
+        // frontend of the port rejects; otherwise a frontend left empty by its policy drops.
+        let uses_cluster = !internal_local || !external_local;
+        let uses_local = internal_local || external_local;
+        let reachable =
+            (uses_cluster && !eps.cluster.is_empty()) || (uses_local && !eps.local.is_empty());
+        let entry = |kind: FrontendKind| {
+            let local = if kind.is_external() {
+                external_local
+            } else {
+                internal_local
             };
-            if claims.frontends.contains_key(&fe) {
-                claims.repeated.insert(fe);
-                continue;
-            }
-            claims.frontends.insert(
-                fe,
-                DesiredService {
-                    owner: owner.clone(),
-                    port_name: port_name.clone(),
-                    active: active.clone(),
-                    terminating: terminating.clone(),
-                    affinity_timeout_s: affinity,
+            let active = if local { &eps.local } else { &eps.cluster };
+            DesiredService {
+                owner: owner.clone(),
+                port_name: port_name.clone(),
+                active: active.iter().copied().collect(),
+                terminating: eps.known.difference(active).copied().collect(),
+                affinity_timeout_s: affinity,
+                kind,
+                source_ranges: (kind == FrontendKind::LoadBalancer)
+                    .then(|| north_south.source_ranges.clone())
+                    .flatten(),
+                drop_when_empty: active.is_empty() && reachable,
+                snat: if kind.is_external() {
+                    eps.remote.iter().copied().collect()
+                } else {
+                    Vec::new()
                 },
-            );
+            }
+        };
+        let mut wanted: Vec<(Frontend, FrontendKind)> = Vec::new();
+        let at = |addr: Ipv4Addr, port: u16| Frontend { addr, port, proto };
+        wanted.extend(
+            addrs
+                .iter()
+                .map(|a| (at(*a, svc_port), FrontendKind::ClusterIp)),
+        );
+        // An absent (or 0) nodePort: none allocated, e.g. `allocateLoadBalancerNodePorts:
+        // false`.
+        if let Some(np) = port.node_port.filter(|p| *p != 0 && north_south.node_ports) {
+            let (lo, hi) = ctx.nodeport_range;
+            match u16::try_from(np).ok().filter(|p| (lo..=hi).contains(p)) {
+                Some(np) => wanted.extend(
+                    ctx.nodeport_addrs
+                        .iter()
+                        .map(|a| (at(*a, np), FrontendKind::NodePort)),
+                ),
+                None => {
+                    problems.insert(Problem::new(
+                        owner.clone(),
+                        format!(
+                            "{what}: nodePort {np} is outside the NodePort range {lo}-{hi}; \
+                             no NodePort for this port"
+                        ),
+                    ));
+                }
+            }
         }
+        wanted.extend(
+            north_south
+                .external_ips
+                .iter()
+                .map(|a| (at(*a, svc_port), FrontendKind::ExternalIp)),
+        );
+        wanted.extend(
+            north_south
+                .lb_ips
+                .iter()
+                .map(|a| (at(*a, svc_port), FrontendKind::LoadBalancer)),
+        );
+        claimed.extend(wanted.into_iter().map(|(fe, kind)| (fe, entry(kind))));
+    }
+    for (fe, entry) in claimed {
+        claims.claim(fe, entry);
     }
     claims
+}
+
+/// The north-south side of a Service: what it asks for beyond its ClusterIPs.
+struct NorthSouth {
+    /// Type `NodePort` or `LoadBalancer`: its ports' nodePorts are served.
+    node_ports: bool,
+    /// Valid IPv4 `externalIPs`.
+    external_ips: BTreeSet<Ipv4Addr>,
+    /// IPv4 LoadBalancer ingress IPs (type `LoadBalancer`).
+    lb_ips: BTreeSet<Ipv4Addr>,
+    /// `loadBalancerSourceRanges`, if the Service restricts its LoadBalancer IPs.
+    source_ranges: Option<Vec<Cidr>>,
+    /// Reachable from outside the cluster network at all.
+    reachable: bool,
+}
+
+impl NorthSouth {
+    fn of(
+        svc: &Service,
+        spec: &ServiceSpec,
+        owner: &ObjectRef,
+        problems: &mut BTreeSet<Problem>,
+    ) -> Self {
+        let type_ = spec.type_.as_deref().unwrap_or("ClusterIP");
+        let load_balancer = type_ == "LoadBalancer";
+        let node_ports = load_balancer || type_ == "NodePort";
+        let mut note = |reason: String| {
+            problems.insert(Problem::new(owner.clone(), reason));
+        };
+        let mut external_ips = BTreeSet::new();
+        for ip in spec.external_ips.iter().flatten() {
+            let ip = ip.trim();
+            match ip.parse::<IpAddr>() {
+                Ok(IpAddr::V4(v4)) => {
+                    external_ips.insert(v4);
+                }
+                Ok(IpAddr::V6(_)) => {
+                    note(format!(
+                        "IPv6 is not supported yet; externalIP {ip} skipped"
+                    ));
+                }
+                // kube-proxy skips blank entries silently (the API does not validate them).
+                Err(_) if ip.is_empty() => {}
+                Err(_) => note(format!(
+                    "externalIP {ip:?} is not a valid IP address; skipped"
+                )),
+            }
+        }
+        let mut lb_ips = BTreeSet::new();
+        if load_balancer {
+            let ingress = svc
+                .status
+                .as_ref()
+                .and_then(|s| s.load_balancer.as_ref())
+                .and_then(|lb| lb.ingress.as_ref());
+            for ing in ingress.into_iter().flatten() {
+                // `Proxy`: the load balancer delivers to the node with its own address as
+                // destination; the node must not take the IP for itself.
+                if ing.ip_mode.as_deref() == Some("Proxy") {
+                    continue;
+                }
+                match ing.ip.as_deref().map(|ip| ip.trim().parse::<IpAddr>()) {
+                    Some(Ok(IpAddr::V4(v4))) => {
+                        lb_ips.insert(v4);
+                    }
+                    Some(Ok(IpAddr::V6(_))) | None => {}
+                    Some(Err(_)) => note(format!(
+                        "status.loadBalancer.ingress IP {:?} is not a valid IP address; skipped",
+                        ing.ip.as_deref().unwrap_or_default()
+                    )),
+                }
+            }
+        }
+        let mut source_ranges = None;
+        if let Some(ranges) = &spec.load_balancer_source_ranges {
+            let (mut v4, mut invalid) = (Vec::new(), Vec::new());
+            for r in ranges {
+                match parse_cidr(r) {
+                    Some(ParsedCidr::V4(c)) => v4.push(c),
+                    // The other family restricts the other family's IPs only.
+                    Some(ParsedCidr::V6) => {}
+                    None if r.trim().is_empty() => {}
+                    None => invalid.push(format!("{:?}", r.trim())),
+                }
+            }
+            v4.sort();
+            v4.dedup();
+            if !invalid.is_empty() {
+                // kube-proxy skips invalid entries and keeps the valid ones. With none left
+                // it would let everyone in; a list meant to restrict fails closed here.
+                let outcome = if v4.is_empty() {
+                    "no valid range is left, so its LoadBalancer IPs accept no client"
+                } else {
+                    "the other ranges apply"
+                };
+                note(format!(
+                    "loadBalancerSourceRanges: {} not a valid CIDR; ignored, and {outcome}",
+                    if invalid.len() == 1 {
+                        format!("{} is", invalid[0])
+                    } else {
+                        format!("{} are", invalid.join(", "))
+                    }
+                ));
+            }
+            if !v4.is_empty() || !invalid.is_empty() {
+                source_ranges = Some(v4);
+            }
+        }
+        let reachable = node_ports || !external_ips.is_empty() || !lb_ips.is_empty();
+        Self {
+            node_ports,
+            external_ips,
+            lb_ips,
+            source_ranges,
+            reachable,
+        }
+    }
 }
 
 /// `spec.clusterIPs`, or `spec.clusterIP` when the list is absent (older objects).
@@ -494,7 +887,9 @@ fn endpoints_of(
     ns: &str,
     name: &str,
     slices: &[&EndpointSlice],
+    node_name: &str,
 ) -> PortEndpoints {
+    let is_local = |n: Option<&String>| !node_name.is_empty() && n.is_some_and(|n| n == node_name);
     let mut out = PortEndpoints::new();
     // A Service without slices is read from its v1 Endpoints, as the mirroring
     // controller would have turned them into a slice.
@@ -536,6 +931,7 @@ fn endpoints_of(
                             ready,
                             serving,
                             terminating,
+                            local: is_local(ep.node_name.as_ref()),
                         });
                     }
                 }
@@ -569,6 +965,7 @@ fn endpoints_of(
                                 ready,
                                 serving: ready,
                                 terminating: false,
+                                local: is_local(a.node_name.as_ref()),
                             });
                         }
                     }
@@ -579,15 +976,30 @@ fn endpoints_of(
     out
 }
 
-/// Splits the endpoints of one Service port into (active, terminating), both sorted and
-/// de-duplicated. An endpoint listed twice (two slices) counts with its best conditions.
-fn select_endpoints(
-    endpoints: &PortEndpoints,
-    port_name: &str,
-    proto: Protocol,
-) -> (Vec<BackendAddr>, Vec<BackendAddr>) {
+/// The endpoints of one Service port, sorted and de-duplicated, split the way kube-proxy
+/// splits them by condition and locality.
+struct Categorized {
+    /// Endpoints for a `Cluster` policy: the ready ones, else the serving-terminating ones
+    /// (KEP-1669).
+    cluster: BTreeSet<BackendAddr>,
+    /// Endpoints for a `Local` policy: the same rule among the endpoints on this node.
+    local: BTreeSet<BackendAddr>,
+    /// Every known endpoint (the ones not used by a frontend keep their established flows).
+    known: BTreeSet<BackendAddr>,
+    /// Known endpoints not on this node.
+    remote: BTreeSet<BackendAddr>,
+}
+
+/// Categorizes the endpoints of one Service port. An endpoint listed twice (two slices)
+/// counts with its best conditions.
+fn categorize(endpoints: &PortEndpoints, port_name: &str, proto: Protocol) -> Categorized {
     let Some(seen) = endpoints.get(&(port_name.to_owned(), proto)) else {
-        return (Vec::new(), Vec::new());
+        return Categorized {
+            cluster: BTreeSet::new(),
+            local: BTreeSet::new(),
+            known: BTreeSet::new(),
+            remote: BTreeSet::new(),
+        };
     };
     let mut merged: BTreeMap<BackendAddr, Seen> = BTreeMap::new();
     for s in seen {
@@ -597,29 +1009,32 @@ fn select_endpoints(
                 m.ready |= s.ready;
                 m.serving |= s.serving;
                 m.terminating &= s.terminating;
+                m.local |= s.local;
             })
             .or_insert(*s);
     }
-    let ready: BTreeSet<BackendAddr> = merged
-        .values()
-        .filter(|s| s.ready)
-        .map(|s| s.backend)
-        .collect();
-    let active: BTreeSet<BackendAddr> = if ready.is_empty() {
-        merged
-            .values()
-            .filter(|s| s.serving && s.terminating)
-            .map(|s| s.backend)
-            .collect()
-    } else {
-        ready
+    let usable = |local_only: bool| {
+        let among = || merged.values().filter(move |s| !local_only || s.local);
+        let ready: BTreeSet<BackendAddr> = among().filter(|s| s.ready).map(|s| s.backend).collect();
+        if ready.is_empty() {
+            among()
+                .filter(|s| s.serving && s.terminating)
+                .map(|s| s.backend)
+                .collect()
+        } else {
+            ready
+        }
     };
-    let terminating = merged
-        .keys()
-        .filter(|b| !active.contains(b))
-        .copied()
-        .collect();
-    (active.into_iter().collect(), terminating)
+    Categorized {
+        cluster: usable(false),
+        local: usable(true),
+        known: merged.keys().copied().collect(),
+        remote: merged
+            .values()
+            .filter(|s| !s.local)
+            .map(|s| s.backend)
+            .collect(),
+    }
 }
 
 #[cfg(test)]
@@ -631,7 +1046,8 @@ pub mod fixtures {
         api::{
             core::v1::{
                 ClientIPConfig, EndpointAddress, EndpointPort as CorePort, EndpointSubset,
-                Endpoints, Service, ServicePort, ServiceSpec, SessionAffinityConfig,
+                Endpoints, LoadBalancerIngress, LoadBalancerStatus, Service, ServicePort,
+                ServiceSpec, ServiceStatus, SessionAffinityConfig,
             },
             discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice},
         },
@@ -698,6 +1114,50 @@ pub mod fixtures {
                 });
             self
         }
+        /// Sets the `nodePort` of the port added last.
+        pub fn node_port(mut self, node_port: i32) -> Self {
+            if let Some(p) = self.spec().ports.as_mut().and_then(|p| p.last_mut()) {
+                p.node_port = Some(node_port);
+            }
+            self
+        }
+        /// Sets `spec.externalIPs`.
+        pub fn external_ips(mut self, ips: &[&str]) -> Self {
+            self.spec().external_ips = Some(ips.iter().map(|s| (*s).to_owned()).collect());
+            self
+        }
+        /// Adds a `status.loadBalancer.ingress` entry (`ip_mode`: `None` for absent).
+        pub fn lb_ingress(mut self, ip: &str, ip_mode: Option<&str>) -> Self {
+            self.0
+                .status
+                .get_or_insert_with(ServiceStatus::default)
+                .load_balancer
+                .get_or_insert_with(LoadBalancerStatus::default)
+                .ingress
+                .get_or_insert_with(Vec::new)
+                .push(LoadBalancerIngress {
+                    ip: Some(ip.to_owned()),
+                    ip_mode: ip_mode.map(str::to_owned),
+                    ..Default::default()
+                });
+            self
+        }
+        /// Sets `spec.loadBalancerSourceRanges`.
+        pub fn source_ranges(mut self, ranges: &[&str]) -> Self {
+            self.spec().load_balancer_source_ranges =
+                Some(ranges.iter().map(|s| (*s).to_owned()).collect());
+            self
+        }
+        /// Sets `spec.externalTrafficPolicy`.
+        pub fn etp(mut self, policy: &str) -> Self {
+            self.spec().external_traffic_policy = Some(policy.to_owned());
+            self
+        }
+        /// Sets `spec.internalTrafficPolicy`.
+        pub fn itp(mut self, policy: &str) -> Self {
+            self.spec().internal_traffic_policy = Some(policy.to_owned());
+            self
+        }
         /// Sets `spec.type`.
         pub fn type_(mut self, t: &str) -> Self {
             self.spec().type_ = Some(t.to_owned());
@@ -760,6 +1220,13 @@ pub mod fixtures {
                 }),
                 ..Default::default()
             });
+            self
+        }
+        /// Sets the `nodeName` of the endpoint added last.
+        pub fn on(mut self, node: &str) -> Self {
+            if let Some(ep) = self.0.endpoints.last_mut() {
+                ep.node_name = Some(node.to_owned());
+            }
             self
         }
         /// Adds a ready endpoint.
@@ -920,7 +1387,7 @@ mod tests {
 
     #[test]
     fn clusterip_service_with_ready_endpoints() {
-        let d = desired_state(&web().0);
+        let d = desired_state(&web().0, &NodeContext::default());
         assert!(d.problems.is_empty(), "{:?}", d.problems);
         let s = &d.services[&fe("10.96.0.10", 80, Protocol::Tcp)];
         assert_eq!(s.active, vec![b("10.0.0.1", 8080), b("10.0.0.2", 8080)]);
@@ -949,7 +1416,7 @@ mod tests {
                     .port("", 80, "TCP", "80"),
             )
             .svc(svc("default", "noip").port("", 80, "TCP", "80"));
-        let d = desired_state(&w.0);
+        let d = desired_state(&w.0, &NodeContext::default());
         assert!(d.services.is_empty());
         assert!(d.problems.is_empty());
     }
@@ -969,7 +1436,7 @@ mod tests {
                     .port("http", 8080, "TCP")
                     .port("metrics", 9100, "TCP"),
             );
-        let d = desired_state(&w.0);
+        let d = desired_state(&w.0, &NodeContext::default());
         assert_eq!(
             d.services[&fe("10.96.0.20", 80, Protocol::Tcp)].active,
             vec![b("10.0.0.1", 8080)]
@@ -988,7 +1455,7 @@ mod tests {
                 .ready("10.0.0.3")
                 .port("http", 8080, "TCP"),
         );
-        let d = desired_state(&w.0);
+        let d = desired_state(&w.0, &NodeContext::default());
         assert_eq!(
             d.services[&fe("10.96.0.10", 80, Protocol::Tcp)].active,
             vec![
@@ -1024,7 +1491,7 @@ mod tests {
                     .ready("fd00::1")
                     .port("http", 8080, "TCP"),
             );
-        let d = desired_state(&w.0);
+        let d = desired_state(&w.0, &NodeContext::default());
         assert_eq!(
             d.services[&fe("10.96.0.10", 80, Protocol::Tcp)]
                 .active
@@ -1048,7 +1515,7 @@ mod tests {
                     .endpoint_with("10.0.0.3", Some(false), Some(false), Some(false)) // not ready
                     .port("", 80, "TCP"),
             );
-        let d = desired_state(&w.0);
+        let d = desired_state(&w.0, &NodeContext::default());
         let s = &d.services[&fe("10.96.0.10", 80, Protocol::Tcp)];
         assert_eq!(s.active, vec![b("10.0.0.1", 80)]);
         assert_eq!(s.terminating, vec![b("10.0.0.2", 80), b("10.0.0.3", 80)]);
@@ -1068,7 +1535,7 @@ mod tests {
                     .endpoint_with("10.0.0.3", Some(false), Some(false), Some(true))
                     .port("", 80, "TCP"),
             );
-        let d = desired_state(&w.0);
+        let d = desired_state(&w.0, &NodeContext::default());
         let s = &d.services[&fe("10.96.0.10", 80, Protocol::Tcp)];
         assert_eq!(s.active, vec![b("10.0.0.2", 80)]);
         assert_eq!(s.terminating, vec![b("10.0.0.3", 80)]);
@@ -1081,7 +1548,7 @@ mod tests {
                 .cluster_ip("10.96.0.10")
                 .port("", 80, "TCP", "80"),
         );
-        let d = desired_state(&w.0);
+        let d = desired_state(&w.0, &NodeContext::default());
         assert!(
             d.services[&fe("10.96.0.10", 80, Protocol::Tcp)]
                 .active
@@ -1104,7 +1571,7 @@ mod tests {
                 &["192.168.1.11"],
                 &[("db", 5432, "TCP")],
             ));
-        let d = desired_state(&w.0);
+        let d = desired_state(&w.0, &NodeContext::default());
         let s = &d.services[&fe("10.96.0.30", 5432, Protocol::Tcp)];
         assert_eq!(s.active, vec![b("192.168.1.10", 5432)]);
         assert_eq!(s.terminating, vec![b("192.168.1.11", 5432)]);
@@ -1114,7 +1581,7 @@ mod tests {
                 .ready("192.168.1.20")
                 .port("db", 5432, "TCP"),
         );
-        let d = desired_state(&w.0);
+        let d = desired_state(&w.0, &NodeContext::default());
         assert_eq!(
             d.services[&fe("10.96.0.30", 5432, Protocol::Tcp)].active,
             vec![b("192.168.1.20", 5432)]
@@ -1136,7 +1603,7 @@ mod tests {
                     .port("dns", 53, "UDP")
                     .port("dns-tcp", 53, "TCP"),
             );
-        let d = desired_state(&w.0);
+        let d = desired_state(&w.0, &NodeContext::default());
         assert_eq!(d.services.len(), 2);
         assert_eq!(
             d.services[&fe("10.96.0.53", 53, Protocol::Udp)].active,
@@ -1155,7 +1622,7 @@ mod tests {
                 .port("big", 70000, "TCP", "80")
                 .port("ok", 82, "TCP", "82"),
         );
-        let d = desired_state(&w.0);
+        let d = desired_state(&w.0, &NodeContext::default());
         assert_eq!(d.services.len(), 1);
         assert_eq!(d.problems.len(), 4, "{:#?}", d.problems);
         let text: Vec<String> = d.problems.iter().map(ToString::to_string).collect();
@@ -1185,7 +1652,7 @@ mod tests {
                     .cluster_ips(&["10.96.0.50", "fd00::50"])
                     .port("", 80, "TCP", "80"),
             );
-        let d = desired_state(&w.0);
+        let d = desired_state(&w.0, &NodeContext::default());
         assert_eq!(
             d.services.keys().copied().collect::<Vec<_>>(),
             vec![fe("10.96.0.50", 80, Protocol::Tcp)]
@@ -1211,7 +1678,7 @@ mod tests {
                     .cluster_ip("10.96.0.10")
                     .port("", 80, "UDP", "80"),
             );
-        let d = desired_state(&w.0);
+        let d = desired_state(&w.0, &NodeContext::default());
         assert_eq!(
             d.services[&fe("10.96.0.10", 80, Protocol::Tcp)].owner.name,
             "a"
@@ -1235,7 +1702,7 @@ mod tests {
                 .ready("10.9.0.1")
                 .port("http", 8080, "TCP"),
         );
-        let d = desired_state(&w.0);
+        let d = desired_state(&w.0, &NodeContext::default());
         assert_eq!(
             d.services[&fe("10.96.0.10", 80, Protocol::Tcp)].active,
             vec![b("10.0.0.1", 8080), b("10.0.0.2", 8080)]
@@ -1268,7 +1735,7 @@ mod tests {
                     .raw_port(None, Some(0), None)
                     .raw_port(None, None, None),
             );
-        let d = desired_state(&w.0);
+        let d = desired_state(&w.0, &NodeContext::default());
         assert_eq!(
             d.services[&fe("10.96.0.10", 80, Protocol::Tcp)].active,
             vec![b("10.0.0.1", 8080), b("10.0.0.2", 8080)]
@@ -1288,7 +1755,7 @@ mod tests {
                     .ready("10.0.0.1")
                     .port("web", 8080, "TCP"),
             );
-        let d = desired_state(&w.0);
+        let d = desired_state(&w.0, &NodeContext::default());
         let s = &d.services[&fe("10.96.0.10", 80, Protocol::Tcp)];
         assert!(s.active.is_empty() && s.terminating.is_empty());
         assert_eq!(s.port_name, "http");
@@ -1312,7 +1779,7 @@ mod tests {
                     .ready("10.0.0.1")
                     .port("", 80, "TCP"),
             );
-        let d = desired_state(&w.0);
+        let d = desired_state(&w.0, &NodeContext::default());
         let s = &d.services[&fe("10.96.0.10", 80, Protocol::Tcp)];
         assert_eq!(s.active, vec![b("10.0.0.1", 80)]);
         assert!(s.terminating.is_empty());
@@ -1332,7 +1799,7 @@ mod tests {
                     .endpoint_with("10.0.0.2", Some(false), None, None)
                     .port("", 80, "TCP"),
             );
-        let d = desired_state(&w.0);
+        let d = desired_state(&w.0, &NodeContext::default());
         let s = &d.services[&fe("10.96.0.10", 80, Protocol::Tcp)];
         assert_eq!(
             s.active,
@@ -1357,7 +1824,7 @@ mod tests {
                 &[],
                 &[("", 5432, "TCP")],
             ));
-        let d = desired_state(&w.0);
+        let d = desired_state(&w.0, &NodeContext::default());
         assert!(
             d.services[&fe("10.96.0.30", 5432, Protocol::Tcp)]
                 .active
@@ -1372,7 +1839,7 @@ mod tests {
                 .cluster_ip_only("10.96.0.60")
                 .port("", 80, "UDP", "80"),
         );
-        let d = desired_state(&w.0);
+        let d = desired_state(&w.0, &NodeContext::default());
         assert!(
             d.services
                 .contains_key(&fe("10.96.0.60", 80, Protocol::Udp))
@@ -1388,7 +1855,7 @@ mod tests {
                 .port("a", 80, "TCP", "80")
                 .port("b", 81, "TCP", "81"),
         );
-        let d = desired_state(&w.0);
+        let d = desired_state(&w.0, &NodeContext::default());
         assert!(d.services.is_empty());
         assert_eq!(
             d.problems
@@ -1414,7 +1881,7 @@ mod tests {
                     .port("a", 8080, "TCP")
                     .port("b", 9090, "TCP"),
             );
-        let d = desired_state(&w.0);
+        let d = desired_state(&w.0, &NodeContext::default());
         let s = &d.services[&fe("10.96.0.10", 80, Protocol::Tcp)];
         assert_eq!(
             (s.port_name.as_str(), s.active.clone()),
@@ -1442,7 +1909,7 @@ mod tests {
             )
         };
         let timeout = |t| {
-            let d = desired_state(&base(t).0);
+            let d = desired_state(&base(t).0, &NodeContext::default());
             let problems: Vec<String> = d.problems.iter().map(ToString::to_string).collect();
             (
                 d.services.values().next().unwrap().affinity_timeout_s,
@@ -1469,13 +1936,484 @@ mod tests {
             s.spec.as_mut().unwrap().session_affinity = Some("None".into());
         }
         assert_eq!(
-            desired_state(&w.0)
+            desired_state(&w.0, &NodeContext::default())
                 .services
                 .values()
                 .next()
                 .unwrap()
                 .affinity_timeout_s,
             None
+        );
+    }
+
+    const NODE: &str = "node-a";
+
+    /// A node named [`NODE`] whose NodePorts answer on two addresses.
+    fn node() -> NodeContext {
+        NodeContext {
+            node_name: NODE.to_owned(),
+            nodeport_addrs: BTreeSet::from([
+                "192.168.0.10".parse().unwrap(),
+                "10.200.0.1".parse().unwrap(),
+            ]),
+            ..NodeContext::default()
+        }
+    }
+
+    fn kinds(d: &Desired) -> Vec<(String, FrontendKind)> {
+        d.services
+            .iter()
+            .map(|(fe, s)| (fe.to_string(), s.kind))
+            .collect()
+    }
+
+    fn texts(d: &Desired) -> Vec<String> {
+        d.problems.iter().map(ToString::to_string).collect()
+    }
+
+    /// `web` as a NodePort Service (nodePort 30080) with one endpoint here, one elsewhere.
+    fn web_np(extra: impl FnOnce(Svc) -> Svc) -> World {
+        World::default()
+            .svc(extra(
+                svc("default", "web")
+                    .type_("NodePort")
+                    .cluster_ip("10.96.0.10")
+                    .port("http", 80, "TCP", "8080")
+                    .node_port(30080),
+            ))
+            .slice(
+                slice("default", "web-1", "web")
+                    .ready("10.0.0.1")
+                    .on(NODE)
+                    .ready("10.0.0.2")
+                    .on("node-b")
+                    .port("http", 8080, "TCP"),
+            )
+    }
+
+    #[test]
+    fn nodeport_is_a_frontend_on_every_node_address() {
+        let d = desired_state(&web_np(|s| s).0, &node());
+        assert!(d.problems.is_empty(), "{:?}", d.problems);
+        assert_eq!(
+            kinds(&d),
+            [
+                ("10.96.0.10:80/TCP".to_owned(), FrontendKind::ClusterIp),
+                ("10.200.0.1:30080/TCP".to_owned(), FrontendKind::NodePort),
+                ("192.168.0.10:30080/TCP".to_owned(), FrontendKind::NodePort),
+            ]
+        );
+        let np = &d.services[&fe("192.168.0.10", 30080, Protocol::Tcp)];
+        assert_eq!(np.active, vec![b("10.0.0.1", 8080), b("10.0.0.2", 8080)]);
+        assert_eq!(np.source_ranges, None);
+        assert!(!np.drop_when_empty);
+        assert_eq!(np.snat, vec![b("10.0.0.2", 8080)], "the endpoint on node-b");
+        assert!(
+            d.services[&fe("10.96.0.10", 80, Protocol::Tcp)]
+                .snat
+                .is_empty(),
+            "ClusterIP traffic keeps its source"
+        );
+
+        // A ClusterIP Service's nodePort (not valid in the API) opens nothing.
+        let w = web_np(|s| s.type_("ClusterIP"));
+        assert_eq!(desired_state(&w.0, &node()).services.len(), 1);
+        // Without node addresses (all filtered out by --nodeport-addresses), no NodePort.
+        assert_eq!(
+            desired_state(&web_np(|s| s).0, &NodeContext::default())
+                .services
+                .len(),
+            1
+        );
+    }
+
+    #[test]
+    fn nodeport_out_of_range_is_reported_and_the_rest_kept() {
+        let w = web_np(|s| s.port("metrics", 9100, "TCP", "9100").node_port(40000)).svc(
+            svc("default", "other")
+                .type_("NodePort")
+                .cluster_ip("10.96.0.11")
+                .port("", 81, "UDP", "81")
+                .node_port(30081),
+        );
+        let d = desired_state(&w.0, &node());
+        assert_eq!(
+            texts(&d),
+            [
+                "Service default/web: port \"metrics\" (9100): nodePort 40000 is outside the \
+                 NodePort range 30000-32767; no NodePort for this port"
+            ]
+        );
+        // web's ClusterIP ports and its valid nodePort, and the other Service, all stay.
+        assert!(
+            d.services
+                .contains_key(&fe("10.96.0.10", 9100, Protocol::Tcp))
+        );
+        assert!(
+            d.services
+                .contains_key(&fe("10.200.0.1", 30080, Protocol::Tcp))
+        );
+        assert!(
+            d.services
+                .contains_key(&fe("10.200.0.1", 30081, Protocol::Udp))
+        );
+        assert!(
+            !d.services
+                .contains_key(&fe("10.200.0.1", 40000, Protocol::Tcp))
+        );
+        // A configured range applies.
+        let narrow = NodeContext {
+            nodeport_range: (30000, 30080),
+            ..node()
+        };
+        let d = desired_state(&w.0, &narrow);
+        assert_eq!(d.problems.len(), 2, "{:?}", d.problems);
+    }
+
+    #[test]
+    fn a_nodeport_clash_keeps_the_first_service_and_names_both() {
+        let w = web_np(|s| s)
+            .svc(
+                svc("default", "zzz")
+                    .type_("NodePort")
+                    .cluster_ip("10.96.0.12")
+                    .port("a", 80, "TCP", "80")
+                    .node_port(30080)
+                    .port("b", 80, "UDP", "80")
+                    .node_port(30080),
+            )
+            .svc(
+                svc("default", "aaa")
+                    .type_("LoadBalancer")
+                    .cluster_ip("10.96.0.13")
+                    .port("", 443, "TCP", "443")
+                    .node_port(30443),
+            );
+        let d = desired_state(&w.0, &node());
+        for addr in ["10.200.0.1", "192.168.0.10"] {
+            assert_eq!(
+                d.services[&fe(addr, 30080, Protocol::Tcp)].owner.name,
+                "web"
+            );
+            // Another protocol is another frontend.
+            assert_eq!(
+                d.services[&fe(addr, 30080, Protocol::Udp)].owner.name,
+                "zzz"
+            );
+            assert_eq!(
+                d.services[&fe(addr, 30443, Protocol::Tcp)].owner.name,
+                "aaa"
+            );
+        }
+        // One problem for the nodePort, however many node addresses there are.
+        assert_eq!(
+            texts(&d),
+            [
+                "Service default/zzz: nodePort 30080/TCP is already claimed by Service \
+                 default/web; this port is ignored"
+            ]
+        );
+    }
+
+    #[test]
+    fn external_ips_and_load_balancer_ingress_ips_are_frontends() {
+        let w = World::default().svc(
+            svc("default", "lb")
+                .type_("LoadBalancer")
+                .cluster_ip("10.96.0.20")
+                .port("", 80, "TCP", "8080")
+                .node_port(30090)
+                .external_ips(&["203.0.113.5", " ", "junk", "fd00::5"])
+                .lb_ingress("198.51.100.7", None)
+                .lb_ingress("198.51.100.8", Some("Proxy"))
+                .lb_ingress("198.51.100.9", Some("VIP")),
+        );
+        let d = desired_state(&w.0, &node());
+        assert_eq!(
+            kinds(&d),
+            [
+                ("10.96.0.20:80/TCP".to_owned(), FrontendKind::ClusterIp),
+                ("10.200.0.1:30090/TCP".to_owned(), FrontendKind::NodePort),
+                ("192.168.0.10:30090/TCP".to_owned(), FrontendKind::NodePort),
+                ("198.51.100.7:80/TCP".to_owned(), FrontendKind::LoadBalancer),
+                ("198.51.100.9:80/TCP".to_owned(), FrontendKind::LoadBalancer),
+                ("203.0.113.5:80/TCP".to_owned(), FrontendKind::ExternalIp),
+            ]
+        );
+        assert_eq!(
+            texts(&d),
+            [
+                "Service default/lb: IPv6 is not supported yet; externalIP fd00::5 skipped",
+                "Service default/lb: externalIP \"junk\" is not a valid IP address; skipped",
+            ]
+        );
+        // Ingress IPs count only for type LoadBalancer; externalIPs for any type.
+        let mut w = w;
+        for s in w.0.services.values_mut() {
+            s.spec.as_mut().unwrap().type_ = Some("ClusterIP".into());
+        }
+        let d = desired_state(&w.0, &node());
+        assert_eq!(
+            kinds(&d),
+            [
+                ("10.96.0.20:80/TCP".to_owned(), FrontendKind::ClusterIp),
+                ("203.0.113.5:80/TCP".to_owned(), FrontendKind::ExternalIp),
+            ]
+        );
+    }
+
+    /// A LoadBalancer Service whose addresses and nodePort are unique to `n`.
+    fn lb_with_ranges(name: &str, n: u8, ranges: &[&str]) -> Svc {
+        svc("default", name)
+            .type_("LoadBalancer")
+            .cluster_ip(&format!("10.96.0.{}", 30 + n))
+            .port("", 80, "TCP", "80")
+            .node_port(30100 + i32::from(n))
+            .external_ips(&[&format!("203.0.113.{}", 30 + n)])
+            .lb_ingress(&format!("198.51.100.{}", 30 + n), None)
+            .source_ranges(ranges)
+    }
+
+    #[test]
+    fn source_ranges_restrict_only_the_load_balancer_ips() {
+        let w = World::default().svc(lb_with_ranges(
+            "lb",
+            0,
+            &["10.1.2.3/16", " 192.0.2.0/24 ", "2001:db8::/32"],
+        ));
+        let d = desired_state(&w.0, &node());
+        assert!(d.problems.is_empty(), "{:?}", d.problems);
+        for (fe, s) in &d.services {
+            if s.kind == FrontendKind::LoadBalancer {
+                assert_eq!(
+                    s.source_ranges
+                        .iter()
+                        .flatten()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>(),
+                    ["10.1.0.0/16", "192.0.2.0/24"],
+                    "host bits are cleared, IPv6 ranges left to IPv6"
+                );
+            } else {
+                assert_eq!(s.source_ranges, None, "{fe}");
+            }
+        }
+    }
+
+    #[test]
+    fn invalid_source_ranges_are_reported_and_an_all_invalid_list_fails_closed() {
+        let w = World::default()
+            .svc(lb_with_ranges(
+                "mixed",
+                1,
+                &["10.0.0.0/8", "10.0.0.0/33", "nonsense"],
+            ))
+            .svc(lb_with_ranges("broken", 2, &["10.0.0.0"]))
+            .svc(lb_with_ranges("v6only", 3, &["2001:db8::/32"]));
+        let d = desired_state(&w.0, &node());
+        let ranges = |ip: &str| {
+            d.services[&fe(ip, 80, Protocol::Tcp)]
+                .source_ranges
+                .clone()
+                .map(|r| r.iter().map(ToString::to_string).collect::<Vec<_>>())
+        };
+        assert_eq!(ranges("198.51.100.31"), Some(vec!["10.0.0.0/8".to_owned()]));
+        assert_eq!(ranges("198.51.100.32"), Some(vec![]), "fails closed");
+        assert_eq!(ranges("198.51.100.33"), None, "no IPv4 restriction");
+        assert_eq!(
+            texts(&d),
+            [
+                "Service default/broken: loadBalancerSourceRanges: \"10.0.0.0\" is not a valid \
+                 CIDR; ignored, and no valid range is left, so its LoadBalancer IPs accept no \
+                 client",
+                "Service default/mixed: loadBalancerSourceRanges: \"10.0.0.0/33\", \"nonsense\" \
+                 are not a valid CIDR; ignored, and the other ranges apply",
+            ]
+        );
+        // The Services keep every other frontend.
+        assert_eq!(d.services.len(), 3 * 5);
+    }
+
+    #[test]
+    fn external_traffic_policy_local_uses_only_this_nodes_endpoints() {
+        let w = web_np(|s| s.etp("Local").external_ips(&["203.0.113.40"]));
+        let d = desired_state(&w.0, &node());
+        let cluster_ip = &d.services[&fe("10.96.0.10", 80, Protocol::Tcp)];
+        assert_eq!(
+            cluster_ip.active,
+            vec![b("10.0.0.1", 8080), b("10.0.0.2", 8080)]
+        );
+        for ext in [
+            fe("192.168.0.10", 30080, Protocol::Tcp),
+            fe("203.0.113.40", 80, Protocol::Tcp),
+        ] {
+            let s = &d.services[&ext];
+            assert_eq!(s.active, vec![b("10.0.0.1", 8080)], "{ext}");
+            assert_eq!(s.terminating, vec![b("10.0.0.2", 8080)], "keeps its flows");
+            assert!(!s.drop_when_empty);
+        }
+        // On another node with no endpoint of its own, external traffic is dropped while
+        // the ClusterIP still balances over all.
+        let elsewhere = NodeContext {
+            node_name: "node-c".into(),
+            ..node()
+        };
+        let d = desired_state(&w.0, &elsewhere);
+        let np = &d.services[&fe("192.168.0.10", 30080, Protocol::Tcp)];
+        assert!(np.active.is_empty() && np.drop_when_empty);
+        assert_eq!(
+            d.services[&fe("10.96.0.10", 80, Protocol::Tcp)]
+                .active
+                .len(),
+            2
+        );
+        assert!(!d.services[&fe("10.96.0.10", 80, Protocol::Tcp)].drop_when_empty);
+    }
+
+    #[test]
+    fn internal_traffic_policy_local_and_rejects_without_any_endpoint() {
+        let w = web_np(|s| s.itp("Local"));
+        let d = desired_state(&w.0, &node());
+        let cip = &d.services[&fe("10.96.0.10", 80, Protocol::Tcp)];
+        assert_eq!(cip.active, vec![b("10.0.0.1", 8080)]);
+        let np = &d.services[&fe("10.200.0.1", 30080, Protocol::Tcp)];
+        assert_eq!(np.active.len(), 2, "the external policy is Cluster");
+        let elsewhere = NodeContext {
+            node_name: "node-c".into(),
+            ..node()
+        };
+        let d = desired_state(&w.0, &elsewhere);
+        let cip = &d.services[&fe("10.96.0.10", 80, Protocol::Tcp)];
+        assert!(cip.active.is_empty() && cip.drop_when_empty);
+
+        // Both policies Local and nothing local: no endpoint is reachable from this node
+        // at all, so every frontend rejects, as kube-proxy does.
+        let w = web_np(|s| s.itp("Local").etp("Local"));
+        let d = desired_state(&w.0, &elsewhere);
+        assert!(
+            d.services
+                .values()
+                .all(|s| s.active.is_empty() && !s.drop_when_empty)
+        );
+        // A Service without endpoints rejects whatever its policies.
+        let w = World::default().svc(
+            svc("default", "empty")
+                .type_("NodePort")
+                .cluster_ip("10.96.0.50")
+                .port("", 80, "TCP", "80")
+                .node_port(30050)
+                .etp("Local")
+                .itp("Local"),
+        );
+        let d = desired_state(&w.0, &node());
+        assert!(d.services.values().all(|s| !s.drop_when_empty));
+    }
+
+    #[test]
+    fn external_policy_of_a_service_not_reachable_from_outside_is_ignored() {
+        let w = web_np(|s| s.type_("ClusterIP").etp("Local"));
+        let elsewhere = NodeContext {
+            node_name: "node-c".into(),
+            ..node()
+        };
+        let d = desired_state(&w.0, &elsewhere);
+        let cip = &d.services[&fe("10.96.0.10", 80, Protocol::Tcp)];
+        assert_eq!(cip.active.len(), 2);
+    }
+
+    #[test]
+    fn terminating_fallback_applies_per_locality() {
+        let w = World::default()
+            .svc(
+                svc("default", "web")
+                    .type_("NodePort")
+                    .cluster_ip("10.96.0.10")
+                    .port("", 80, "TCP", "80")
+                    .node_port(30080)
+                    .etp("Local"),
+            )
+            .slice(
+                slice("default", "web-1", "web")
+                    // Here: one serving-terminating, one not serving.
+                    .endpoint_with("10.0.0.1", Some(false), Some(true), Some(true))
+                    .on(NODE)
+                    .endpoint_with("10.0.0.2", Some(false), Some(false), Some(true))
+                    .on(NODE)
+                    // Elsewhere: ready.
+                    .ready("10.0.0.3")
+                    .on("node-b")
+                    .port("", 80, "TCP"),
+            );
+        let d = desired_state(&w.0, &node());
+        assert_eq!(
+            d.services[&fe("10.96.0.10", 80, Protocol::Tcp)].active,
+            vec![b("10.0.0.3", 80)],
+            "cluster-wide, ready endpoints win"
+        );
+        let np = &d.services[&fe("10.200.0.1", 30080, Protocol::Tcp)];
+        assert_eq!(
+            np.active,
+            vec![b("10.0.0.1", 80)],
+            "locally, no ready endpoint: the serving-terminating one"
+        );
+    }
+
+    #[test]
+    fn endpoints_objects_carry_node_names_too() {
+        let mut eps = endpoints(
+            "default",
+            "ext",
+            &["192.168.1.10", "192.168.1.11"],
+            &[],
+            &[("", 80, "TCP")],
+        );
+        if let Some(subsets) = eps.subsets.as_mut() {
+            subsets[0].addresses.as_mut().unwrap()[0].node_name = Some(NODE.to_owned());
+        }
+        let w = World::default()
+            .svc(
+                svc("default", "ext")
+                    .cluster_ip("10.96.0.30")
+                    .port("", 80, "TCP", "80")
+                    .itp("Local"),
+            )
+            .endpoints(eps);
+        let d = desired_state(&w.0, &node());
+        assert_eq!(
+            d.services[&fe("10.96.0.30", 80, Protocol::Tcp)].active,
+            vec![b("192.168.1.10", 80)]
+        );
+    }
+
+    #[test]
+    fn nodeport_addresses_flag() {
+        let addrs: Vec<Ipv4Addr> = ["127.0.0.1", "10.0.0.5", "192.168.7.1", "192.168.8.1"]
+            .iter()
+            .map(|a| a.parse().unwrap())
+            .collect();
+        let primary = Some("10.0.0.5".parse().unwrap());
+        let pick = |flag: &str| {
+            NodePortAddresses::parse(flag)
+                .unwrap()
+                .select(&addrs, primary)
+                .into_iter()
+                .map(|a| a.to_string())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(pick(""), ["10.0.0.5", "192.168.7.1", "192.168.8.1"]);
+        assert_eq!(pick("primary"), ["10.0.0.5"]);
+        assert_eq!(
+            pick("192.168.7.0/24, 127.0.0.0/8"),
+            ["127.0.0.1", "192.168.7.1"]
+        );
+        assert_eq!(pick("fd00::/8"), Vec::<String>::new());
+        assert!(NodePortAddresses::parse("10.0.0.0/8,primary").is_err());
+        assert!(NodePortAddresses::parse("10.0.0.0").is_err());
+        assert_eq!(
+            NodePortAddresses::parse("primary")
+                .unwrap()
+                .select(&addrs, None),
+            BTreeSet::new()
         );
     }
 
@@ -1493,6 +2431,9 @@ mod tests {
         for (k, v) in a.0.services.iter().rev() {
             b.services.insert(k.clone(), v.clone());
         }
-        assert_eq!(desired_state(&a.0), desired_state(&b));
+        assert_eq!(
+            desired_state(&a.0, &NodeContext::default()),
+            desired_state(&b, &NodeContext::default())
+        );
     }
 }

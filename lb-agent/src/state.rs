@@ -7,7 +7,9 @@
 //! as `desired_state` settles them — the claimant whose (namespace, name) sorts first wins —
 //! from a per-frontend set of claimants, so a loser takes over when the winner goes away.
 //! [`Delta`] names the frontends whose entry changed, which is what
-//! [`crate::apply::Applier::sync_frontends`] needs to look at.
+//! [`crate::apply::Applier::sync_frontends`] needs to look at. The node the state is
+//! computed for ([`NodeContext`]: its name and NodePort addresses) is part of the cache;
+//! when it changes, [`DesiredCache::set_context`] recomputes every Service.
 //!
 //! The agent's loop, per new snapshot of the objects:
 //! `ChangedKeys::between(&last, &next)` -> [`DesiredCache::update`] ->
@@ -23,7 +25,9 @@ use std::{
 
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
-use crate::model::{self, Desired, DesiredService, Frontend, Key, Objects, Problem, ServiceClaims};
+use crate::model::{
+    self, Desired, DesiredService, Frontend, Key, NodeContext, Objects, Problem, ServiceClaims,
+};
 
 /// Keys of the objects that were added, changed or deleted between two snapshots.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -121,9 +125,12 @@ impl Delta {
 /// [`model::desired_state`] kept up to date incrementally.
 ///
 /// After every [`DesiredCache::update`], [`DesiredCache::services`] and
-/// [`DesiredCache::problems`] are what `desired_state` gives for the same objects.
+/// [`DesiredCache::problems`] are what `desired_state` gives for the same objects and the
+/// cache's [`NodeContext`].
 #[derive(Debug, Clone, Default)]
 pub struct DesiredCache {
+    /// The node the state is computed for.
+    ctx: NodeContext,
     /// What each Service claims on its own.
     claims: BTreeMap<Key, ServiceClaims>,
     /// The Services claiming each frontend; the first holds it.
@@ -139,16 +146,40 @@ pub struct DesiredCache {
 }
 
 impl DesiredCache {
-    /// An empty cache (as for empty objects).
-    pub fn new() -> Self {
-        Self::default()
+    /// An empty cache (as for empty objects) for the node `ctx` describes.
+    pub fn new(ctx: NodeContext) -> Self {
+        Self {
+            ctx,
+            ..Self::default()
+        }
     }
 
-    /// A cache holding the desired state of `objects`, and the delta from nothing to it.
-    pub fn build(objects: &Objects) -> (Self, Delta) {
-        let mut cache = Self::new();
+    /// A cache holding the desired state of `objects` on the node `ctx` describes, and
+    /// the delta from nothing to it.
+    pub fn build(objects: &Objects, ctx: NodeContext) -> (Self, Delta) {
+        let mut cache = Self::new(ctx);
         let delta = cache.update(objects, &ChangedKeys::between(&Objects::default(), objects));
         (cache, delta)
+    }
+
+    /// The node the state is computed for.
+    pub fn context(&self) -> &NodeContext {
+        &self.ctx
+    }
+
+    /// Switches to another node context (its addresses or name changed) for the same
+    /// `objects` the cache was last brought to, recomputing every Service; returns the
+    /// frontends whose entry changed.
+    pub fn set_context(&mut self, objects: &Objects, ctx: NodeContext) -> Delta {
+        if ctx == self.ctx {
+            return Delta::default();
+        }
+        self.ctx = ctx;
+        let all = ChangedKeys {
+            services: objects.services.keys().cloned().collect(),
+            ..ChangedKeys::default()
+        };
+        self.update(objects, &all)
     }
 
     /// Brings the cache to `objects`, given the keys that changed since the objects of
@@ -195,7 +226,7 @@ impl DesiredCache {
                     .flatten()
                     .filter_map(|s| objects.endpoint_slices.get(s))
                     .collect();
-                model::service_claims(objects, key, svc, &slices)
+                model::service_claims(objects, key, svc, &slices, &self.ctx)
             });
             let old = match new {
                 Some(new) => self.claims.insert(key.clone(), new),
@@ -318,7 +349,7 @@ mod tests {
             Self {
                 objects: Objects::default(),
                 full: (Applier::new(), MemMaps::default()),
-                incremental: (DesiredCache::new(), Applier::new(), MemMaps::default()),
+                incremental: (DesiredCache::new(ctx()), Applier::new(), MemMaps::default()),
             }
         }
 
@@ -326,9 +357,9 @@ mod tests {
         /// returns the delta and what the incremental sync did.
         fn step(&mut self, change: impl FnOnce(&mut Objects)) -> (Delta, SyncStats) {
             let before = self.objects.clone();
-            let old = desired_state(&before);
+            let old = desired_state(&before, &ctx());
             change(&mut self.objects);
-            let want = desired_state(&self.objects);
+            let want = desired_state(&self.objects, &ctx());
 
             let (fa, fm) = &mut self.full;
             fm.log.clear();
@@ -358,6 +389,19 @@ mod tests {
             assert_eq!(im.log, fm.log, "same writes in the same order");
             assert_eq!((&im.services, &im.backends), (&fm.services, &fm.backends));
             (delta, stats)
+        }
+    }
+
+    /// The node the tests compute for: a name endpoints may carry, and two addresses
+    /// that answer NodePorts.
+    fn ctx() -> NodeContext {
+        NodeContext {
+            node_name: "here".to_owned(),
+            nodeport_addrs: ["10.96.0.1", "192.168.0.1"]
+                .iter()
+                .map(|a| a.parse().unwrap())
+                .collect(),
+            ..NodeContext::default()
         }
     }
 
@@ -619,6 +663,32 @@ mod tests {
                 _ => ("https", 443, "TCP"),
             };
             s = s.port(pname, port, proto, "8080");
+            if rng.below(3) == 0 {
+                s = s.node_port(*[30080, 30081, 40000].get(rng.below(3) as usize).unwrap());
+            }
+        }
+        // North-south: types, external addresses (some shared with ClusterIPs and node
+        // addresses, to make conflicts), ranges and traffic policies.
+        match rng.below(4) {
+            0 => s = s.type_("NodePort"),
+            1 => {
+                s = s
+                    .type_("LoadBalancer")
+                    .lb_ingress(pick(rng, &ips[..3]), None)
+            }
+            _ => {}
+        }
+        if rng.below(4) == 0 {
+            s = s.external_ips(&[pick(rng, &["10.96.0.2", "203.0.113.1", "junk"])]);
+        }
+        if rng.below(4) == 0 {
+            s = s.source_ranges(&[pick(rng, &["10.0.0.0/8", "bad", "10.1.0.0/16"])]);
+        }
+        if rng.below(3) == 0 {
+            s = s.etp("Local");
+        }
+        if rng.below(3) == 0 {
+            s = s.itp("Local");
         }
         if rng.below(4) == 0 {
             s = s.affinity((rng.below(2) == 0).then(|| rng.below(100_000) as i32));
@@ -640,6 +710,9 @@ mod tests {
             if rng.below(2) == 0 {
                 let (r, sv, t) = (cond(rng), cond(rng), cond(rng));
                 s = s.endpoint_with(&format!("10.0.0.{e}"), r, sv, t);
+                if rng.below(2) == 0 {
+                    s = s.on(pick(rng, &["here", "there"]));
+                }
             }
         }
         for _ in 0..rng.below(3) {
@@ -711,7 +784,7 @@ mod tests {
                     // and the incremental path carries on from the adopted ids.
                     let (fa, fm) = &mut both.full;
                     *fa = Applier::adopt(fm).unwrap();
-                    let d = desired_state(&both.objects);
+                    let d = desired_state(&both.objects, &ctx());
                     assert_eq!(fa.sync(&d, fm).unwrap(), SyncStats::default());
                     let (cache, ia, im) = &mut both.incremental;
                     *ia = Applier::adopt(im).unwrap();
@@ -721,7 +794,7 @@ mod tests {
             }
             // A last full sync on the incremental maps finds nothing left to do.
             let (_, a, m) = &mut both.incremental;
-            let d = desired_state(&both.objects);
+            let d = desired_state(&both.objects, &ctx());
             assert_eq!(a.sync(&d, m).unwrap(), SyncStats::default(), "run {run}");
         }
     }
@@ -745,14 +818,42 @@ mod tests {
     }
 
     #[test]
+    fn a_new_node_context_recomputes_every_service() {
+        let mut rng = Rng(0x6a09_e667_f3bc_c908);
+        let mut o = Objects::default();
+        for _ in 0..200 {
+            random_change(&mut rng, &mut o);
+        }
+        let (mut cache, _) = DesiredCache::build(&o, ctx());
+        let old = cache.desired();
+        let other = NodeContext {
+            node_name: "there".to_owned(),
+            nodeport_addrs: ["192.168.0.2".parse().unwrap()].into(),
+            ..ctx()
+        };
+        let delta = cache.set_context(&o, other.clone());
+        let want = desired_state(&o, &other);
+        assert_eq!(cache.desired(), want);
+        let exact: BTreeSet<Frontend> = old
+            .services
+            .keys()
+            .chain(want.services.keys())
+            .filter(|fe| old.services.get(fe) != want.services.get(fe))
+            .copied()
+            .collect();
+        assert_eq!(delta.frontends().collect::<BTreeSet<_>>(), exact);
+        assert!(cache.set_context(&o, other).frontends().next().is_none());
+    }
+
+    #[test]
     fn build_equals_desired_state() {
         let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
         let mut o = Objects::default();
         for _ in 0..200 {
             random_change(&mut rng, &mut o);
         }
-        let (cache, delta) = DesiredCache::build(&o);
-        let want = desired_state(&o);
+        let (cache, delta) = DesiredCache::build(&o, ctx());
+        let want = desired_state(&o, &ctx());
         assert_eq!(cache.desired(), want);
         assert_eq!(
             delta.added,

@@ -160,7 +160,7 @@ fn has(o: &Objects, services: &[&str], slices: &[&str]) -> bool {
 
 /// Backend addresses the model computes for the frontend on `port`.
 fn backends(o: &Objects, port: u16) -> Vec<String> {
-    let desired = model::desired_state(o);
+    let desired = model::desired_state(o, &model::NodeContext::default());
     desired
         .services
         .iter()
@@ -373,4 +373,54 @@ async fn dropped_watch_resumes_without_relisting() {
         "the watcher relisted instead of resuming: {:#?}",
         h.fake.requests()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn throttled_requests_are_retried() {
+    let fake = FakeApiServer::start().await.unwrap();
+    fake.upsert(service("web", "10.96.0.10", 80)).unwrap();
+    // 429 with Retry-After on the initial lists, then on the re-watch after a drop.
+    fake.throttle_next(3);
+    let mut h = Harness::start(fake).await;
+    h.wait_for("web despite throttling", |o| has(o, &["web"], &[]))
+        .await;
+    h.fake.throttle_next(3);
+    h.fake.disconnect_watches();
+    h.fake.upsert(slice("web-a", "web", &["10.0.0.1"])).unwrap();
+    let o = h
+        .wait_for("web-a after throttling", |o| has(o, &["web"], &["web-a"]))
+        .await;
+    assert_eq!(backends(&o, 80), ["10.0.0.1:8080"]);
+    assert!(
+        h.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .all(|o| !o.services.is_empty()),
+        "a snapshot lost web while throttled"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_stream_keeps_the_state_and_catches_up() {
+    let fake = FakeApiServer::start().await.unwrap();
+    fake.upsert(service("web", "10.96.0.10", 80)).unwrap();
+    let mut h = Harness::start(fake).await;
+    h.wait_for("web", |o| has(o, &["web"], &[])).await;
+
+    // The streams stay open and say nothing: what the agent has stays as it is.
+    h.fake.stall_watches(true);
+    h.fake.upsert(service("api", "10.96.0.20", 80)).unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert!(
+        h.seen.lock().unwrap().iter().all(|o| has(o, &["web"], &[])),
+        "a change arrived through a stalled stream"
+    );
+
+    // The connection drops while stalled (as a stuck proxy finally gives up): the
+    // watcher resumes and the change made meanwhile arrives.
+    h.fake.disconnect_watches();
+    h.fake.stall_watches(false);
+    h.wait_for("api after the stall", |o| has(o, &["api", "web"], &[]))
+        .await;
 }

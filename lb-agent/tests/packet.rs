@@ -12,9 +12,13 @@ use std::{
 
 use aya::programs::{TestRun, TestRunOptions};
 use lb_agent::{
+    apply::Applier,
     datapath::{self, Datapath, EGRESS_PROG, INGRESS_PROG},
     frames::{CLIENT_MAC, NODE_MAC, fold, frame, l4_checksum, sum},
     maps::ServiceMaps,
+    model::{
+        BackendAddr, Cidr, Desired, DesiredService, Frontend, FrontendKind, ObjectRef, Protocol,
+    },
 };
 use lb_common::{
     BACKEND_ACTIVE, BACKEND_TERMINATING, Backend, SVC_F_ADDR_MARKER, SVC_F_AFFINITY, ServiceKey,
@@ -27,6 +31,12 @@ const FRONTEND_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const BACKEND_IP: Ipv4Addr = Ipv4Addr::new(10, 2, 0, 11);
 const BACKEND2_IP: Ipv4Addr = Ipv4Addr::new(10, 2, 0, 12);
 const UNRELATED_IP: Ipv4Addr = Ipv4Addr::new(10, 2, 0, 99);
+/// The node's address on the client's link: NodePorts answer there.
+const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 1);
+const NODE_PORT: u16 = 30_080;
+const LB_IP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 7);
+/// Outside every source range of the tests.
+const FAR_CLIENT_IP: Ipv4Addr = Ipv4Addr::new(172, 16, 5, 9);
 const FRONTEND_PORT: u16 = 80;
 const BACKEND_PORT: u16 = 8080;
 const CLIENT_PORT: u16 = 40_000;
@@ -37,6 +47,10 @@ const OK: u32 = 0;
 const DROP: u32 = 2;
 const REDIRECT: u32 = 7;
 
+/// Size of `struct __sk_buff` passed as the test run's context (the kernel accepts a prefix
+/// of its own, larger or equal, layout).
+const SK_BUFF_LEN: usize = 192;
+
 fn be(ip: Ipv4Addr) -> u32 {
     u32::from_ne_bytes(ip.octets())
 }
@@ -45,7 +59,33 @@ fn be(ip: Ipv4Addr) -> u32 {
 struct Fixture {
     dp: Datapath,
     maps: datapath::BpfMaps,
+    metrics: Option<datapath::Metrics>,
     _pins: PinDir,
+}
+
+/// One north-south frontend for [`Fixture::north_south`] (TCP).
+struct NorthSouth {
+    kind: FrontendKind,
+    addr: Ipv4Addr,
+    port: u16,
+    backends: Vec<Ipv4Addr>,
+    ranges: Option<Vec<Cidr>>,
+    drop_when_empty: bool,
+    snat: Vec<BackendAddr>,
+}
+
+impl NorthSouth {
+    fn new(kind: FrontendKind, addr: Ipv4Addr, port: u16, backends: &[Ipv4Addr]) -> Self {
+        Self {
+            kind,
+            addr,
+            port,
+            backends: backends.to_vec(),
+            ranges: None,
+            drop_when_empty: false,
+            snat: Vec::new(),
+        }
+    }
 }
 
 /// A private pin directory under bpffs, removed on drop — including when loading into it
@@ -73,6 +113,7 @@ impl Fixture {
         Self {
             dp,
             maps,
+            metrics: None,
             _pins: pins,
         }
     }
@@ -91,6 +132,8 @@ impl Fixture {
                 proto: proto_nr,
                 state: *state,
                 service_id: 1,
+                flags: 0,
+                _pad: [0; 3],
             };
             self.maps.put_backend(*id, &b).expect("put backend");
         }
@@ -123,6 +166,76 @@ impl Fixture {
         self.maps
             .put_service(&ServiceKey::addr_marker(be(FRONTEND_IP)), &marker)
             .expect("marker");
+    }
+
+    /// Programs `frontends` (kind, address, port, backends, source ranges, drop when empty)
+    /// through the agent's own model types and applier.
+    fn north_south(&mut self, frontends: &[NorthSouth]) {
+        let mut desired = Desired::default();
+        for f in frontends {
+            desired.services.insert(
+                Frontend {
+                    addr: f.addr,
+                    port: f.port,
+                    proto: Protocol::Tcp,
+                },
+                DesiredService {
+                    owner: ObjectRef::new("Service", "default", "web"),
+                    port_name: String::new(),
+                    active: f
+                        .backends
+                        .iter()
+                        .map(|addr| BackendAddr {
+                            addr: *addr,
+                            port: BACKEND_PORT,
+                        })
+                        .collect(),
+                    terminating: Vec::new(),
+                    affinity_timeout_s: None,
+                    kind: f.kind,
+                    source_ranges: f.ranges.clone(),
+                    drop_when_empty: f.drop_when_empty,
+                    snat: f.snat.clone(),
+                },
+            );
+        }
+        let stats = Applier::new().sync(&desired, &mut self.maps).expect("sync");
+        assert!(stats.failed.is_empty(), "{:?}", stats.failed);
+    }
+
+    /// The datapath's counters, by reason name (ingress and egress summed).
+    fn counter(&mut self, reason: &str) -> u64 {
+        let metrics = self
+            .metrics
+            .get_or_insert_with(|| self.dp.metrics().expect("metrics"));
+        metrics
+            .snapshot()
+            .iter()
+            .filter(|(r, _, _)| *r == reason)
+            .map(|(_, _, n)| n)
+            .sum()
+    }
+
+    /// Runs `prog` on `frame` and returns the verdict, the output frame and the packet
+    /// mark it left.
+    fn run_mark(&self, prog: &str, frame: &[u8]) -> (u32, Vec<u8>, u32) {
+        let p = self.dp.program(prog).expect("program");
+        let mut out = vec![0u8; 1600];
+        // `struct __sk_buff`, zeroed; `mark` is its third u32.
+        let ctx_in = [0u8; SK_BUFF_LEN];
+        let mut ctx_out = [0u8; SK_BUFF_LEN];
+        let res = p
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ctx_in: Some(&ctx_in),
+                ctx_out: Some(&mut ctx_out),
+                ..Default::default()
+            })
+            .unwrap_or_else(|e| panic!("test run of {prog}: {e}"));
+        let mark = u32::from_ne_bytes(ctx_out[8..12].try_into().expect("4 bytes"));
+        out.truncate(res.data_size_out as usize);
+        (res.return_value, out, mark)
     }
 
     fn run(&self, prog: &str, frame: &[u8]) -> (u32, Vec<u8>) {
@@ -585,4 +698,163 @@ fn fragments_to_a_frontend_are_dropped() {
     let c = fold(sum(0, &dgram[14..34]));
     dgram[24..26].copy_from_slice(&c.to_be_bytes());
     assert_eq!(fx.run(INGRESS_PROG, &dgram).0, DROP);
+}
+
+#[test]
+fn nodeport_is_translated_on_the_node_address_and_its_reply_restored() {
+    let mut fx = Fixture::new();
+    fx.north_south(&[NorthSouth::new(
+        FrontendKind::NodePort,
+        NODE_IP,
+        NODE_PORT,
+        &[BACKEND_IP],
+    )]);
+    let syn = frame(
+        proto::TCP,
+        (CLIENT_IP, CLIENT_PORT),
+        (NODE_IP, NODE_PORT),
+        0x02,
+    );
+    let (verdict, out) = fx.run(INGRESS_PROG, &syn);
+    assert_eq!(verdict, OK);
+    let seen = check(&out, proto::TCP);
+    assert_eq!(
+        seen.src,
+        (CLIENT_IP, CLIENT_PORT),
+        "client address preserved"
+    );
+    assert_eq!(seen.dst, (BACKEND_IP, BACKEND_PORT));
+
+    let synack = frame(
+        proto::TCP,
+        (BACKEND_IP, BACKEND_PORT),
+        (CLIENT_IP, CLIENT_PORT),
+        0x12,
+    );
+    let (verdict, out) = fx.run(EGRESS_PROG, &synack);
+    assert_eq!(verdict, OK);
+    let seen = check(&out, proto::TCP);
+    assert_eq!(seen.src, (NODE_IP, NODE_PORT));
+    assert_eq!(seen.dst, (CLIENT_IP, CLIENT_PORT));
+
+    // Every other port of the node's address is the node's own: passed untouched, not
+    // rejected as an undefined Service port would be.
+    let ssh = frame(proto::TCP, (CLIENT_IP, CLIENT_PORT), (NODE_IP, 22), 0x02);
+    let (verdict, out) = fx.run(INGRESS_PROG, &ssh);
+    assert_eq!(verdict, PASS);
+    assert_eq!(out, ssh);
+}
+
+#[test]
+fn load_balancer_ip_drops_clients_outside_its_source_ranges() {
+    let mut fx = Fixture::new();
+    let mut lb = NorthSouth::new(
+        FrontendKind::LoadBalancer,
+        LB_IP,
+        FRONTEND_PORT,
+        &[BACKEND_IP],
+    );
+    lb.ranges = Some(vec![Cidr {
+        addr: Ipv4Addr::new(10, 1, 0, 0),
+        len: 24,
+    }]);
+    // The same Service's externalIP has no ranges: everyone may use it.
+    let ext = NorthSouth::new(
+        FrontendKind::ExternalIp,
+        UNRELATED_IP,
+        FRONTEND_PORT,
+        &[BACKEND_IP],
+    );
+    fx.north_south(&[lb, ext]);
+
+    let denied = frame(
+        proto::TCP,
+        (FAR_CLIENT_IP, CLIENT_PORT),
+        (LB_IP, FRONTEND_PORT),
+        0x02,
+    );
+    let (verdict, _) = fx.run(INGRESS_PROG, &denied);
+    assert_eq!(verdict, DROP);
+    assert_eq!(fx.counter("source_range_denied"), 1);
+
+    let allowed = frame(
+        proto::TCP,
+        (CLIENT_IP, CLIENT_PORT),
+        (LB_IP, FRONTEND_PORT),
+        0x02,
+    );
+    let (verdict, out) = fx.run(INGRESS_PROG, &allowed);
+    assert_eq!(verdict, OK);
+    assert_eq!(check(&out, proto::TCP).dst, (BACKEND_IP, BACKEND_PORT));
+
+    let other = frame(
+        proto::TCP,
+        (FAR_CLIENT_IP, CLIENT_PORT),
+        (UNRELATED_IP, FRONTEND_PORT),
+        0x02,
+    );
+    let (verdict, out) = fx.run(INGRESS_PROG, &other);
+    assert_eq!(verdict, OK);
+    assert_eq!(check(&out, proto::TCP).dst, (BACKEND_IP, BACKEND_PORT));
+    assert_eq!(fx.counter("source_range_denied"), 1);
+}
+
+#[test]
+fn local_policy_without_local_endpoint_drops_and_no_endpoint_at_all_rejects() {
+    let mut fx = Fixture::new();
+    let mut local = NorthSouth::new(FrontendKind::NodePort, NODE_IP, NODE_PORT, &[]);
+    local.drop_when_empty = true;
+    let empty = NorthSouth::new(FrontendKind::NodePort, NODE_IP, NODE_PORT + 1, &[]);
+    fx.north_south(&[local, empty]);
+
+    let syn = frame(
+        proto::TCP,
+        (CLIENT_IP, CLIENT_PORT),
+        (NODE_IP, NODE_PORT),
+        0x02,
+    );
+    assert_eq!(fx.run(INGRESS_PROG, &syn).0, DROP);
+    assert_eq!(fx.counter("no_local_backend"), 1);
+
+    let syn = frame(
+        proto::TCP,
+        (CLIENT_IP, CLIENT_PORT),
+        (NODE_IP, NODE_PORT + 1),
+        0x02,
+    );
+    let (verdict, _) = fx.run(INGRESS_PROG, &syn);
+    assert_eq!(verdict, REDIRECT, "rejected with ICMP port unreachable");
+    assert_eq!(fx.counter("no_backend"), 1);
+}
+
+#[test]
+fn flows_to_backends_on_other_nodes_are_marked_for_source_nat() {
+    let mut fx = Fixture::new();
+    let mut np = NorthSouth::new(
+        FrontendKind::NodePort,
+        NODE_IP,
+        NODE_PORT,
+        &[BACKEND_IP, BACKEND2_IP],
+    );
+    np.snat = vec![BackendAddr {
+        addr: BACKEND2_IP,
+        port: BACKEND_PORT,
+    }];
+    fx.north_south(&[np]);
+    let mut chosen = [0u32; 2];
+    for port in 20_000..20_100 {
+        let syn = frame(proto::TCP, (CLIENT_IP, port), (NODE_IP, NODE_PORT), 0x02);
+        let (verdict, out, mark) = fx.run_mark(INGRESS_PROG, &syn);
+        assert_eq!(verdict, OK);
+        let remote = check(&out, proto::TCP).dst.0 == BACKEND2_IP;
+        let want = if remote { lb_common::SNAT_MARK } else { 0 };
+        assert_eq!(mark, want, "port {port}: remote backend {remote}");
+        chosen[usize::from(remote)] += 1;
+        // Later packets of the flow carry no mark: the node's conntrack binds its NAT on
+        // the first one.
+        let ack = frame(proto::TCP, (CLIENT_IP, port), (NODE_IP, NODE_PORT), 0x10);
+        let (verdict, _, mark) = fx.run_mark(INGRESS_PROG, &ack);
+        assert_eq!((verdict, mark), (OK, 0));
+    }
+    assert!(chosen.iter().all(|n| *n > 20), "skewed: {chosen:?}");
 }

@@ -23,9 +23,12 @@ pub mod map_names {
     pub const AFFINITY: &str = "LB4_AFFINITY";
     /// Per-CPU counters indexed by [`metric_index`](super::metric_index).
     pub const METRICS: &str = "LB_METRICS";
+    /// `loadBalancerSourceRanges`: LPM trie of (service id, client prefix)
+    /// ([`SourceRangeKey`](super::SourceRangeKey)) -> `u32` (always 1).
+    pub const SOURCE_RANGES: &str = "LB4_SOURCE_RANGES";
 
     /// Maps pinned under the bpffs root so that they outlive the agent.
-    pub const PINNED: [&str; 4] = [SERVICES, BACKENDS, CT, AFFINITY];
+    pub const PINNED: [&str; 5] = [SERVICES, BACKENDS, CT, AFFINITY, SOURCE_RANGES];
 }
 
 /// Default capacities; the agent may override them at load time.
@@ -38,6 +41,8 @@ pub mod capacity {
     pub const CT: u32 = 524_288;
     /// Client/Service pairs with session affinity.
     pub const AFFINITY: u32 = 131_072;
+    /// Allowed client prefixes over all LoadBalancer frontends.
+    pub const SOURCE_RANGES: u32 = 65_536;
 }
 
 /// IP protocol numbers as carried in the IPv4 header.
@@ -61,7 +66,14 @@ pub mod proto {
 ///
 /// An entry with `port_be == 0`, `proto == 0` and slot 0 marks an address as a Service
 /// address ([`SVC_F_ADDR_MARKER`]), so that traffic to a port the Service does not define
-/// is rejected rather than routed.
+/// is rejected rather than routed. Only ClusterIPs get one: NodePorts live on the node's
+/// own addresses, and externalIPs and LoadBalancer IPs may too, where every other port
+/// belongs to the node.
+///
+/// Every kind of frontend (ClusterIP, NodePort on each node address, externalIP,
+/// LoadBalancer ingress IP) is keyed the same way, by the destination the client uses, so
+/// the datapath finds any of them with one lookup. Two kinds can never share a key: the
+/// agent gives an (address, port, protocol) to one Service port only.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 #[repr(C)]
 pub struct ServiceKey {
@@ -71,7 +83,7 @@ pub struct ServiceKey {
     pub port_be: u16,
     /// IP protocol number ([`proto`]).
     pub proto: u8,
-    /// Reserved for traffic scopes (external/internal); 0 today.
+    /// Reserved for traffic scopes; 0 today (every kind of frontend uses 0).
     pub scope: u8,
     /// 0 for the frontend header, `1..=count` for backend slots.
     pub slot: u16,
@@ -102,6 +114,16 @@ impl ServiceKey {
 pub const SVC_F_AFFINITY: u16 = 1 << 0;
 /// This slot-0 entry only marks its address as a Service address.
 pub const SVC_F_ADDR_MARKER: u16 = 1 << 1;
+/// New flows are accepted only from the client prefixes listed for this `service_id` in
+/// the source ranges map (`loadBalancerSourceRanges`); others are dropped.
+pub const SVC_F_SOURCE_RANGES: u16 = 1 << 2;
+/// With `count == 0`, drop instead of reject: the Service has endpoints, but none on this
+/// node, and a traffic policy of `Local` applies to this frontend (kube-proxy drops too).
+pub const SVC_F_DROP_EMPTY: u16 = 1 << 3;
+/// The frontend is reached from outside the cluster network (NodePort, externalIP,
+/// LoadBalancer IP), so its address gets no marker: other ports there may belong to the
+/// node itself. Only the agent reads this flag (to re-adopt markers after a restart).
+pub const SVC_F_EXTERNAL: u16 = 1 << 4;
 
 /// Value of the services map.
 ///
@@ -124,10 +146,35 @@ pub struct ServiceValue {
     pub affinity_timeout_s: u32,
 }
 
+/// Data of a source ranges key: the kernel key is `prefix_len: u32` followed by this,
+/// with `prefix_len = 32 + client prefix length`, so the service id always matches
+/// exactly and the client address by longest prefix.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[repr(C)]
+pub struct SourceRangeKey {
+    /// The frontend's service id (all 32 bits are matched, so byte order is irrelevant).
+    pub service_id: u32,
+    /// Client prefix address, network byte order, host bits zero.
+    pub addr_be: u32,
+}
+
+/// Length of the whole LPM key (`prefix_len` + [`SourceRangeKey`]).
+pub const SOURCE_RANGE_KEY_LEN: usize = 4 + size_of::<SourceRangeKey>();
+
 /// The backend takes new connections.
 pub const BACKEND_ACTIVE: u8 = 0;
 /// The backend is terminating: its established flows continue, it takes no new ones.
 pub const BACKEND_TERMINATING: u8 = 1;
+
+/// Flows to this backend through a north-south frontend leave the node with the node's
+/// address as source ([`SNAT_MARK`]): the backend runs on another node, and its replies
+/// must come back through this one to be translated.
+pub const BACKEND_F_SNAT: u8 = 1 << 0;
+
+/// Packet mark (bits within [`SNAT_MARK`]) that the datapath sets on the first packet of
+/// a flow to a [`BACKEND_F_SNAT`] backend; the agent's one masquerade rule gives such
+/// flows the node's address and a free source port, and conntrack undoes it on replies.
+pub const SNAT_MARK: u32 = 0x0040_0000;
 
 /// Value of the backends map (key: backend id, `u32`, never 0).
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
@@ -143,6 +190,10 @@ pub struct Backend {
     pub state: u8,
     /// The frontend this backend serves.
     pub service_id: u32,
+    /// `BACKEND_F_*` flags.
+    pub flags: u8,
+    /// Explicit padding, always zero.
+    pub _pad: [u8; 3],
 }
 
 /// Connection tracking entry for the client -> frontend direction.
@@ -256,8 +307,13 @@ pub mod reason {
     pub const REJECT_FAILED: u32 = 11;
     /// Sticky client sent to its remembered backend.
     pub const AFFINITY_HIT: u32 = 12;
+    /// New flow to a LoadBalancer IP from outside its `loadBalancerSourceRanges`: dropped.
+    pub const SOURCE_RANGE_DENIED: u32 = 13;
+    /// New flow to a frontend whose traffic policy is `Local` while no endpoint of the
+    /// Service runs on this node: dropped, as kube-proxy does.
+    pub const NO_LOCAL_BACKEND: u32 = 14;
     /// Number of reasons.
-    pub const COUNT: u32 = 13;
+    pub const COUNT: u32 = 15;
 
     /// Stable names, indexed by reason, used as metric labels.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -274,6 +330,8 @@ pub mod reason {
         "rewrite_failed",
         "reject_failed",
         "affinity_hit",
+        "source_range_denied",
+        "no_local_backend",
     ];
 }
 
@@ -293,11 +351,12 @@ pub const fn metric_index(reason: u32, dir: u32) -> u32 {
 // (pinned maps outlive the agent), so it must be deliberate.
 const _: () = assert!(size_of::<ServiceKey>() == 12);
 const _: () = assert!(size_of::<ServiceValue>() == 16);
-const _: () = assert!(size_of::<Backend>() == 12);
+const _: () = assert!(size_of::<Backend>() == 16);
 const _: () = assert!(size_of::<CtKey>() == 16);
 const _: () = assert!(size_of::<CtValue>() == 24);
 const _: () = assert!(size_of::<AffinityKey>() == 8);
 const _: () = assert!(size_of::<AffinityValue>() == 16);
+const _: () = assert!(size_of::<SourceRangeKey>() == 8);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -317,6 +376,8 @@ mod pod {
     unsafe impl aya::Pod for AffinityKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for AffinityValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for SourceRangeKey {}
 }
 
 #[cfg(test)]
@@ -353,6 +414,8 @@ mod tests {
         assert_eq!(offset_of!(Backend, proto), 6);
         assert_eq!(offset_of!(Backend, state), 7);
         assert_eq!(offset_of!(Backend, service_id), 8);
+        assert_eq!(offset_of!(Backend, flags), 12);
+        assert_eq!(offset_of!(Backend, _pad), 13);
     }
 
     #[test]
@@ -378,6 +441,13 @@ mod tests {
         assert_eq!(offset_of!(AffinityKey, service_id), 4);
         assert_eq!(offset_of!(AffinityValue, backend_id), 0);
         assert_eq!(offset_of!(AffinityValue, last_used_ns), 8);
+    }
+
+    #[test]
+    fn source_range_key_layout() {
+        assert_eq!(offset_of!(SourceRangeKey, service_id), 0);
+        assert_eq!(offset_of!(SourceRangeKey, addr_be), 4);
+        assert_eq!(SOURCE_RANGE_KEY_LEN, 12);
     }
 
     #[test]

@@ -4,8 +4,12 @@
 //!
 //! Flow of a packet through `lb_tc_ingress` (traffic entering a device):
 //! [`parse`] the headers -> [`service`] frontend lookup -> [`conntrack`] lookup or backend
-//! selection -> [`nat`] DNAT to the backend. Frontend addresses with no ready backend, or a
-//! port the Service does not define, get an ICMP port unreachable from [`reject`].
+//! selection -> [`nat`] DNAT to the backend. A frontend is a ClusterIP, a node address with a
+//! nodePort, an externalIP or a LoadBalancer IP, all found with the same one lookup.
+//! Frontends with no ready backend, or a ClusterIP port the Service does not define, get
+//! an ICMP port unreachable from [`reject`]; new flows from outside a LoadBalancer IP's
+//! source ranges, and to a `Local` traffic policy frontend with no endpoint on this node,
+//! are dropped.
 //!
 //! `lb_tc_egress` (traffic leaving a device) looks replies up in [`conntrack`] and restores
 //! the frontend as their source. Doing the reverse translation at egress, after the node's

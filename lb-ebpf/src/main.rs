@@ -4,7 +4,7 @@
 #![no_main]
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
-use lb_common::{DIR_EGRESS, DIR_INGRESS, reason};
+use lb_common::{BACKEND_F_SNAT, DIR_EGRESS, DIR_INGRESS, SNAT_MARK, SVC_F_DROP_EMPTY, reason};
 use lb_ebpf::{
     conntrack::{self, backend_matches},
     metrics::count,
@@ -97,7 +97,15 @@ fn ingress(ctx: &TcContext) -> Decision {
         // instead of leaving it hanging).
         why = reason::RESELECTED;
     }
+    // Checked for new flows only: like kube-proxy's firewall in the nat table, a change of
+    // the ranges does not cut established flows.
+    if !service::source_allowed(&pkt, &svc) {
+        return Decision::drop(reason::SOURCE_RANGE_DENIED);
+    }
     if svc.count == 0 {
+        if svc.flags & SVC_F_DROP_EMPTY != 0 {
+            return Decision::drop(reason::NO_LOCAL_BACKEND);
+        }
         return reject_packet(ctx, &pkt, reason::NO_BACKEND);
     }
     let Some(sel) = service::select(&pkt, &svc, now) else {
@@ -117,6 +125,13 @@ fn ingress(ctx: &TcContext) -> Decision {
     if conntrack::create(&key, &fwd, &pkt).is_err() {
         // Fail closed: a flow we cannot track would lose its replies' translation.
         return Decision::drop(reason::CT_FULL);
+    }
+    if sel.backend.flags & BACKEND_F_SNAT != 0 {
+        // The node's conntrack binds its source NAT on the first packet of the flow; the
+        // later ones follow it without the mark.
+        // SAFETY: reading a field of the program's context.
+        let mark = unsafe { (*ctx.skb.skb).mark };
+        ctx.set_mark(mark | SNAT_MARK);
     }
     translate(ctx, &pkt, fwd.nat_addr_be, fwd.nat_port_be, why)
 }

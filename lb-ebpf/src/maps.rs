@@ -3,11 +3,11 @@
 //! agent process.
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray},
+    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use lb_common::{
     AffinityKey, AffinityValue, Backend, CtKey, CtValue, METRICS_LEN, ServiceKey, ServiceValue,
-    capacity,
+    SourceRangeKey, capacity,
 };
 
 /// Frontends (slot 0) and their backend slots (1..=count).
@@ -27,6 +27,12 @@ pub static CT: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(capacity::CT, 0);
 #[map(name = "LB4_AFFINITY")]
 pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
     LruHashMap::pinned(capacity::AFFINITY, 0);
+
+/// `loadBalancerSourceRanges`: (service id, client prefix) -> 1, for frontends with
+/// `SVC_F_SOURCE_RANGES`.
+#[map(name = "LB4_SOURCE_RANGES")]
+pub static SOURCE_RANGES: LpmTrie<SourceRangeKey, u32> =
+    LpmTrie::pinned(capacity::SOURCE_RANGES, 0);
 
 /// Per-CPU counters by (reason, direction).
 #[map(name = "LB_METRICS")]

@@ -1,11 +1,12 @@
-//! Frontend lookup and backend selection.
-use aya_ebpf::helpers::bpf_get_prandom_u32;
+//! Frontend lookup, admission (source ranges) and backend selection.
+use aya_ebpf::{helpers::bpf_get_prandom_u32, maps::lpm_trie::Key};
 use lb_common::{
-    AffinityKey, AffinityValue, BACKEND_ACTIVE, Backend, SVC_F_AFFINITY, ServiceKey, ServiceValue,
+    AffinityKey, AffinityValue, BACKEND_ACTIVE, Backend, SVC_F_AFFINITY, SVC_F_SOURCE_RANGES,
+    ServiceKey, ServiceValue, SourceRangeKey,
 };
 
 use crate::{
-    maps::{AFFINITY, BACKENDS, SERVICES},
+    maps::{AFFINITY, BACKENDS, SERVICES, SOURCE_RANGES},
     parse::Packet,
 };
 
@@ -22,6 +23,24 @@ pub fn lookup_frontend(pkt: &Packet) -> Option<ServiceValue> {
 pub fn is_service_addr(pkt: &Packet) -> bool {
     // SAFETY: only presence is checked.
     unsafe { SERVICES.get(&ServiceKey::addr_marker(pkt.daddr)).is_some() }
+}
+
+/// Whether a new flow of `pkt` may use frontend `svc`: always, unless the frontend lists
+/// `loadBalancerSourceRanges` and the client is in none of them. One LPM lookup, only for
+/// frontends that have ranges.
+#[inline(always)]
+pub fn source_allowed(pkt: &Packet, svc: &ServiceValue) -> bool {
+    if svc.flags & SVC_F_SOURCE_RANGES == 0 {
+        return true;
+    }
+    let key = Key::new(
+        64,
+        SourceRangeKey {
+            service_id: svc.service_id,
+            addr_be: pkt.saddr,
+        },
+    );
+    SOURCE_RANGES.get(&key).is_some()
 }
 
 /// A copy of backend `id`, if it exists.

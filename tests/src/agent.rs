@@ -46,6 +46,10 @@ pub struct Agent {
     pub dir: PathBuf,
     /// The source flags: `--manifests DIR` or `--kubeconfig FILE`.
     source_args: Vec<String>,
+    /// More flags, after the ones every test agent gets.
+    extra_args: Vec<String>,
+    /// A command the agent runs under (inside the node namespace), e.g. `setpriv ...`.
+    wrapper: Vec<String>,
     /// The pin directory (`--bpffs-root`).
     pub root: PathBuf,
     log: PathBuf,
@@ -56,12 +60,20 @@ impl Agent {
     /// Writes `manifests` (file name, content) into a fresh directory and starts an agent
     /// on them in `node`, waiting until it reports ready.
     pub fn start(node: &NetNs, manifests: &[(&str, &str)]) -> Self {
+        Self::start_under(node, manifests, &[])
+    }
+
+    /// [`Agent::start`], with the agent run under `wrapper` (a command and its arguments
+    /// that execs the rest, such as `setpriv --bounding-set=...`).
+    pub fn start_under(node: &NetNs, manifests: &[(&str, &str)], wrapper: &[&str]) -> Self {
         let dir = manifests_dir(node.name());
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).expect("manifests dir");
         let mut agent = Self {
             child: None,
             source_args: vec!["--manifests".into(), dir.display().to_string()],
+            extra_args: Vec::new(),
+            wrapper: wrapper.iter().map(|a| (*a).to_owned()).collect(),
             netns_path: node.path(),
             root: pin_root(node.name()),
             log: log_file(node.name()),
@@ -78,6 +90,12 @@ impl Agent {
     /// Starts an agent in `node` that watches the Kubernetes API described by `kubeconfig`
     /// (YAML, written to a file in a fresh directory), waiting until it reports ready.
     pub fn start_with_kubeconfig(node: &NetNs, kubeconfig: &str) -> Self {
+        Self::start_with_kubeconfig_and_args(node, kubeconfig, &[])
+    }
+
+    /// [`Agent::start_with_kubeconfig`] with more command-line flags (`args`), given after
+    /// the ones every test agent gets (which therefore cannot be repeated).
+    pub fn start_with_kubeconfig_and_args(node: &NetNs, kubeconfig: &str, args: &[&str]) -> Self {
         let dir = std::env::temp_dir().join(format!("{}-kube", node.name()));
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).expect("kubeconfig dir");
@@ -86,6 +104,8 @@ impl Agent {
         let mut agent = Self {
             child: None,
             source_args: vec!["--kubeconfig".into(), file.display().to_string()],
+            extra_args: args.iter().map(|a| (*a).to_owned()).collect(),
+            wrapper: Vec::new(),
             netns_path: node.path(),
             root: pin_root(node.name()),
             log: log_file(node.name()),
@@ -111,12 +131,14 @@ impl Agent {
         let child = Proc::spawn(
             Command::new("nsenter")
                 .arg(format!("--net={}", self.netns_path))
+                .args(&self.wrapper)
                 .arg(&bin)
                 .args(&self.source_args)
                 .args(["--devices", NODE_DEVICES])
                 .arg("--bpffs-root")
                 .arg(&self.root)
                 .args(["--poll-interval-ms", "100", "--log-level", "info"])
+                .args(&self.extra_args)
                 .env("NO_COLOR", "1")
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
@@ -209,6 +231,12 @@ impl Agent {
     /// The agent's log so far.
     pub fn log(&self) -> String {
         fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Stops the agent with SIGTERM (then SIGKILL after 3 s), as a DaemonSet update does;
+    /// pins stay.
+    pub fn terminate(&mut self) {
+        self.stop();
     }
 
     fn stop(&mut self) {

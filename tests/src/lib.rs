@@ -8,6 +8,7 @@
 //! interfaces. See tests/README.md for the topology.
 pub mod agent;
 pub mod clients;
+pub mod cluster;
 pub mod netns;
 pub mod process;
 pub mod servers;

@@ -32,6 +32,8 @@ fn help_documents_every_flag() {
         "--log-level",
         "--kubeconfig",
         "--hostname-override",
+        "--cleanup",
+        "--detach-on-exit",
     ] {
         assert!(
             help.contains(flag),

@@ -8,10 +8,14 @@
 //! - control-plane: N Services × 10 endpoints as Kubernetes objects -> desired state ->
 //!   the real BPF maps; the time of the full initial sync, of one endpoint change (from
 //!   the changed objects to the maps) through the incremental path and, for comparison,
-//!   through a full recompute, and the agent-side memory.
+//!   through a full recompute, and the agent-side memory; beside it, the time kube-proxy's
+//!   iptables and nftables payloads take to load for the same Services (`bench_kp`).
+//! - datapath: one Service over real TCP and UDP connections in network namespaces,
+//!   direct vs kube-proxy's iptables and nftables rules vs lb's TC programs, with other
+//!   Services loaded (`bench_net`).
 //!
 //! The machine is shared: the numbers are medians over many runs, and the report keeps
-//! the spread. Results go to `results/bench.md` and stdout.
+//! the spread. Results go to `results/bench.md` (with PNG plots beside it) and stdout.
 use std::{
     collections::BTreeMap,
     fmt::Write as _,
@@ -27,11 +31,17 @@ use lb_agent::{
     apply::Applier,
     datapath::{self, Datapath, EGRESS_PROG, INGRESS_PROG, MapSizes},
     frames::frame,
-    model::{self, Objects},
+    model::{self, NodeContext, Objects},
     state::{ChangedKeys, DesiredCache},
 };
 use lb_common::proto;
 use serde_json::json;
+
+use crate::{
+    bench_kp,
+    bench_net::{self, NetPlan, Test, Variant},
+    bench_plot,
+};
 
 /// Which measurements, at which sizes.
 pub struct Plan {
@@ -43,6 +53,12 @@ pub struct Plan {
     pub runs: usize,
     /// Endpoint changes timed per size.
     pub changes: usize,
+    /// The datapath comparison over real connections.
+    pub net: NetPlan,
+    /// Partial syncs timed per size for kube-proxy's payloads.
+    pub kp_changes: usize,
+    /// Longest a kube-proxy payload load may take before it is reported as too slow.
+    pub kp_limit: Duration,
 }
 
 impl Plan {
@@ -53,6 +69,18 @@ impl Plan {
             control_sizes: vec![1_000],
             runs: 2_000,
             changes: 20,
+            net: NetPlan::quick(),
+            kp_changes: 3,
+            kp_limit: Duration::from_secs(60),
+        }
+    }
+
+    /// The full run with fewer sizes and rounds (about a quarter of an hour).
+    pub fn medium() -> Self {
+        Self {
+            net: NetPlan::medium(),
+            kp_limit: Duration::from_secs(30),
+            ..Self::full()
         }
     }
 
@@ -63,21 +91,24 @@ impl Plan {
             control_sizes: vec![1_000, 10_000, 30_000, 100_000],
             runs: 20_000,
             changes: 50,
+            net: NetPlan::full(),
+            kp_changes: 5,
+            kp_limit: Duration::from_secs(60),
         }
     }
 }
 
-const ENDPOINTS: usize = 10;
+pub(crate) const ENDPOINTS: usize = 10;
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 2);
 
 /// ClusterIP of Service `i`: 10.96.0.0/12 has room for a million.
-fn cluster_ip(i: usize) -> Ipv4Addr {
+pub(crate) fn cluster_ip(i: usize) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 0)) + i as u32 + 1)
 }
 
 /// Pod IP of endpoint `e` of Service `i` (10.128.0.0/9), shifted by `generation` so a
 /// change can move one endpoint to a new address.
-fn pod_ip(i: usize, e: usize, generation: u32) -> Ipv4Addr {
+pub(crate) fn pod_ip(i: usize, e: usize, generation: u32) -> Ipv4Addr {
     Ipv4Addr::from(
         u32::from(Ipv4Addr::new(10, 128, 0, 0))
             + (i * ENDPOINTS + e) as u32
@@ -85,7 +116,7 @@ fn pod_ip(i: usize, e: usize, generation: u32) -> Ipv4Addr {
     )
 }
 
-fn objects(n: usize) -> Result<Objects> {
+pub(crate) fn objects(n: usize) -> Result<Objects> {
     let mut o = Objects::default();
     for i in 0..n {
         let name = format!("svc-{i}");
@@ -118,7 +149,7 @@ fn slice(i: usize, generation: u32) -> Result<EndpointSlice> {
     }))?)
 }
 
-fn sizes_for(n: usize) -> MapSizes {
+pub(crate) fn sizes_for(n: usize) -> MapSizes {
     // Head + slots per frontend, one address marker per Service, plus headroom.
     let entries = (n * (ENDPOINTS + 2) + 4096) as u32;
     MapSizes {
@@ -138,7 +169,7 @@ struct Loaded {
 
 /// A private pin directory under bpffs, removed on drop — including when loading into it
 /// failed half-way.
-struct PinDir(PathBuf);
+pub(crate) struct PinDir(pub(crate) PathBuf);
 
 impl Drop for PinDir {
     fn drop(&mut self) {
@@ -198,7 +229,7 @@ fn datapath_cost(plan: &Plan) -> Result<Vec<DatapathRow>> {
     for &n in &plan.datapath_sizes {
         println!("datapath-cost: {n} Services x {ENDPOINTS} endpoints");
         let mut l = Loaded::new(n)?;
-        let desired = model::desired_state(&objects(n)?);
+        let desired = model::desired_state(&objects(n)?, &NodeContext::default());
         Applier::new().sync(&desired, &mut l.maps)?;
         let vip = cluster_ip(n / 2);
         let runs = plan.runs;
@@ -304,10 +335,10 @@ fn control_plane(plan: &Plan) -> Result<Vec<ControlRow>> {
         let mut l = Loaded::new(n)?;
         let mut objs = objects(n)?;
         let started = Instant::now();
-        let desired = model::desired_state(&objs);
+        let desired = model::desired_state(&objs, &NodeContext::default());
         let model_time = started.elapsed();
         let started = Instant::now();
-        let (mut cache, _) = DesiredCache::build(&objs);
+        let (mut cache, _) = DesiredCache::build(&objs, NodeContext::default());
         let cache_time = started.elapsed();
         let mut applier = Applier::new();
         let started = Instant::now();
@@ -346,7 +377,7 @@ fn control_plane(plan: &Plan) -> Result<Vec<ControlRow>> {
                 change_writes = stats.writes + stats.deletes;
             } else {
                 let started = Instant::now();
-                let desired = model::desired_state(&objs);
+                let desired = model::desired_state(&objs, &NodeContext::default());
                 let stats = applier.sync(&desired, &mut l.maps)?;
                 full.push(started.elapsed().as_secs_f64() * 1e3);
                 anyhow::ensure!(stats.failed.is_empty(), "change failed: {:?}", stats.failed);
@@ -378,6 +409,9 @@ pub fn control_one(services: usize, changes: usize) -> Result<()> {
         control_sizes: vec![services],
         runs: 0,
         changes,
+        net: NetPlan::quick(),
+        kp_changes: 0,
+        kp_limit: Duration::ZERO,
     };
     let r = control_plane(&plan)?.pop().context("no row")?;
     println!(
@@ -402,7 +436,8 @@ pub fn control_one(services: usize, changes: usize) -> Result<()> {
 
 /// Each size in a child process (`xtask bench-control-one`), for a clean memory figure.
 fn control_plane_isolated(plan: &Plan) -> Result<Vec<ControlRow>> {
-    let exe = std::env::current_exe()?;
+    // /proc/self/exe still runs this binary if a rebuild replaced the file meanwhile.
+    let exe = PathBuf::from("/proc/self/exe");
     let mut rows = Vec::new();
     for &n in &plan.control_sizes {
         let out = std::process::Command::new(&exe)
@@ -447,16 +482,110 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-/// Runs the plan and writes the report.
-pub fn run(plan: &Plan, out: &std::path::Path) -> Result<String> {
+/// Which kinds of measurement a run makes.
+#[derive(Debug, Clone, Copy)]
+pub struct Kinds {
+    /// `BPF_PROG_TEST_RUN` cost per packet.
+    pub cost: bool,
+    /// Real connections: direct, kube-proxy iptables and nftables, lb.
+    pub datapath: bool,
+    /// Sync and change latency, lb's and kube-proxy's payload loads.
+    pub control: bool,
+}
+
+/// Where a run writes: the report and the plots.
+pub struct Outputs {
+    /// The markdown report.
+    pub report: PathBuf,
+    /// The datapath plot (PNG).
+    pub datapath_png: PathBuf,
+    /// The control-plane plot (PNG).
+    pub control_png: PathBuf,
+    /// The command that reproduces the run, for the report.
+    pub command: String,
+}
+
+/// A cell: the median of `v` with its spread (half the range, in % of the median).
+fn cell(v: &[f64]) -> String {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let Some(&m) = s.get(s.len() / 2) else {
+        return "–".into();
+    };
+    let digits = if m >= 100.0 { 0 } else { 1 };
+    if s.len() > 1 && m > 0.0 {
+        let half = (s[s.len() - 1] - s[0]) / 2.0 / m * 100.0;
+        format!("{m:.digits$} ±{half:.0}%")
+    } else {
+        format!("{m:.digits$}")
+    }
+}
+
+fn med(v: &[f64]) -> Option<f64> {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    s.get(s.len() / 2).copied()
+}
+
+fn ratio(a: Option<f64>, b: Option<f64>) -> String {
+    match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => format!("{:.2}x", a / b),
+        _ => "–".into(),
+    }
+}
+
+fn opt_ms(v: Option<f64>, limit: Duration) -> String {
+    match v {
+        Some(v) if v >= 100.0 => format!("{v:.0}"),
+        Some(v) => format!("{v:.1}"),
+        None => format!("> {:.0} s", limit.as_secs_f64()),
+    }
+}
+
+/// The machine line of the report.
+fn machine() -> String {
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("model name")
+                .map(|r| r.trim_start_matches([' ', '\t', ':']).to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    format!(
+        "Linux {}, {} CPUs ({cpu}), shared machine",
+        kernel.trim(),
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    )
+}
+
+/// Runs the plan and writes the report (and plots).
+pub fn run(plan: &Plan, kinds: Kinds, out: &Outputs) -> Result<String> {
     let mut md = String::new();
     writeln!(
         md,
-        "# lb benchmark\n\nKernel {}, {} CPUs. Medians and 99th percentiles over repeated runs on a shared machine.\n",
-        kernel.trim(),
-        std::thread::available_parallelism().map_or(0, |n| n.get())
+        "# lb benchmark\n\n{}. Reproduce (as root): `{}`.\n",
+        machine(),
+        out.command
     )?;
+    if kinds.cost {
+        datapath_cost_section(plan, &mut md)?;
+    }
+    if kinds.datapath {
+        datapath_section(plan, out, &mut md)?;
+    }
+    if kinds.control {
+        control_section(plan, out, &mut md)?;
+    }
+    if let Some(dir) = out.report.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&out.report, &md)?;
+    Ok(md)
+}
+
+fn datapath_cost_section(plan: &Plan, md: &mut String) -> Result<()> {
     let dp_rows = datapath_cost(plan)?;
     writeln!(
         md,
@@ -491,10 +620,147 @@ pub fn run(plan: &Plan, out: &std::path::Path) -> Result<String> {
             }
         }
     }
+    writeln!(md)?;
+    Ok(())
+}
+
+fn datapath_section(plan: &Plan, out: &Outputs, md: &mut String) -> Result<()> {
+    let net = &plan.net;
+    let report = bench_net::run(net)?;
+    writeln!(
+        md,
+        "## Datapath over real connections: direct vs kube-proxy (iptables, nftables) vs lb\n\n\
+         Client namespace -> node namespace -> 2 pod namespaces (veth); one Service (3 ports, both pods as endpoints), \
+         with N other Services x {ENDPOINTS} endpoints loaded into each variant; one variant active at a time. \
+         each variant in a network of its own, programmed once per size; {} round(s) of {} s per test, variants taking turns in rotated order; cells are the median over rounds ± half the range. \
+         Ratios divide medians. Higher is better.\n",
+        net.rounds, net.seconds
+    )?;
+    writeln!(md, "Tools:\n")?;
+    for t in Test::ALL {
+        writeln!(md, "- {} ({}): {}", t.name(), t.unit(), t.tool())?;
+    }
+    writeln!(
+        md,
+        "\nVariants: direct = the pod IP, no translation (client k -> pod k mod 2); iptables = kube-proxy's iptables-mode rules \
+         (`{} --noflush`; the nf_tables backend's restore takes minutes at these sizes, see the control-plane table); \
+         nftables = kube-proxy's nftables-mode table (nft -f); lb = the TC programs and maps (loader + applier, as lb-agent). \
+\n",
+        bench_net::iptables_restore()
+    )?;
+    writeln!(
+        md,
+        "| other Services | test | clients | direct | iptables | nftables | lb | lb / direct | lb / iptables | lb / nftables | iptables / direct | nftables / direct |"
+    )?;
+    writeln!(
+        md,
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    )?;
+    for &n in &net.sizes {
+        for test in Test::ALL {
+            for &clients in &net.clients {
+                let get = |v: Variant| report.samples.get(&(n, test, clients, v));
+                let m = |v: Variant| get(v).and_then(|s| med(s));
+                let c = |v: Variant| get(v).map_or("–".into(), |s| cell(s));
+                writeln!(
+                    md,
+                    "| {n} | {} | {clients} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                    test.name(),
+                    c(Variant::Direct),
+                    c(Variant::Iptables),
+                    c(Variant::Nftables),
+                    c(Variant::Lb),
+                    ratio(m(Variant::Lb), m(Variant::Direct)),
+                    ratio(m(Variant::Lb), m(Variant::Iptables)),
+                    ratio(m(Variant::Lb), m(Variant::Nftables)),
+                    ratio(m(Variant::Iptables), m(Variant::Direct)),
+                    ratio(m(Variant::Nftables), m(Variant::Direct)),
+                )?;
+            }
+        }
+    }
+    if let (Some(&first), Some(&last)) = (net.sizes.first(), net.sizes.last()) {
+        writeln!(
+            md,
+            "\nThroughput kept from {first} to {last} other Services (median at {last} / median at {first}, 1 client):\n"
+        )?;
+        writeln!(
+            md,
+            "| test | iptables | nftables | lb |\n|---|---:|---:|---:|"
+        )?;
+        for test in Test::ALL {
+            let keep = |v: Variant| {
+                let at = |n: usize| report.samples.get(&(n, test, 1, v)).and_then(|s| med(s));
+                ratio(at(last), at(first))
+            };
+            writeln!(
+                md,
+                "| {} | {} | {} | {} |",
+                test.name(),
+                keep(Variant::Iptables),
+                keep(Variant::Nftables),
+                keep(Variant::Lb)
+            )?;
+        }
+    }
+    writeln!(
+        md,
+        "\nTime to program each variant once per size (ms; \"> N s\": stopped at the limit, the variant is not measured at that size):\n"
+    )?;
+    writeln!(
+        md,
+        "| other Services | {} | nft -f | lb (load, fill maps, attach) |\n|---:|---:|---:|---:|",
+        bench_net::iptables_restore()
+    )?;
+    for &n in &net.sizes {
+        let l = |v: Variant| {
+            if let Some((_, _, why)) = report.overran.iter().find(|o| o.0 == n && o.1 == v) {
+                why.clone()
+            } else {
+                report.load_ms.get(&(n, v)).map_or("–".into(), |s| cell(s))
+            }
+        };
+        writeln!(
+            md,
+            "| {n} | {} | {} | {} |",
+            l(Variant::Iptables),
+            l(Variant::Nftables),
+            l(Variant::Lb)
+        )?;
+    }
+    match bench_plot::datapath(&out.datapath_png, &report, &net.sizes, 1) {
+        Ok(()) => writeln!(
+            md,
+            "\n![datapath, 1 client]({})\n",
+            out.datapath_png
+                .file_name()
+                .map_or_else(String::new, |f| f.to_string_lossy().into_owned())
+        )?,
+        Err(e) => println!("datapath plot not drawn: {e:#}"),
+    }
+    Ok(())
+}
+
+/// `vX.Y.Z` from `TOOL --version`.
+fn tool_version(tool: &str) -> String {
+    std::process::Command::new(tool)
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .split_whitespace()
+                .find(|w| w.starts_with('v'))
+                .map(str::to_owned)
+        })
+        .unwrap_or_default()
+}
+
+fn control_section(plan: &Plan, out: &Outputs, md: &mut String) -> Result<()> {
     let cp_rows = control_plane_isolated(plan)?;
     writeln!(
         md,
-        "\n## Control plane (Services x {ENDPOINTS} endpoints, real BPF maps)\n"
+        "## Control plane (Services x {ENDPOINTS} endpoints, real BPF maps)\n"
     )?;
     writeln!(
         md,
@@ -524,11 +790,109 @@ pub fn run(plan: &Plan, out: &std::path::Path) -> Result<String> {
     }
     writeln!(
         md,
-        "\nA change is timed from the changed objects to the maps. \"One change\": the two snapshots are diffed per key, only the Services the changed keys affect are recomputed (`state::DesiredCache`), and only the frontends whose entry changed are diffed and written (`Applier::sync_frontends`). \"Full recompute\": the desired state is recomputed for all Services and every frontend diffed (`desired_state` + `Applier::sync`), for comparison."
+        "\nA change is timed from the changed objects to the maps. \"One change\": the two snapshots are diffed per key, only the Services the changed keys affect are recomputed (`state::DesiredCache`), and only the frontends whose entry changed are diffed and written (`Applier::sync_frontends`). \"Full recompute\": the desired state is recomputed for all Services and every frontend diffed (`desired_state` + `Applier::sync`), for comparison.\n"
     )?;
-    if let Some(dir) = out.parent() {
-        std::fs::create_dir_all(dir)?;
+    let kp = bench_kp::run(&plan.control_sizes, plan.kp_changes, plan.kp_limit)?;
+    writeln!(
+        md,
+        "### Side by side with kube-proxy's payloads\n\n\
+         The same Services loaded the way kube-proxy loads them, each tool in a throwaway network namespace: \
+         iptables mode = `iptables-restore --noflush` (nf_tables and legacy backends) of the whole ruleset (full sync) and of KUBE-SERVICES plus the changed \
+         Service's chains (partial sync, as kube-proxy does since 1.26); nftables mode = `nft -f` of the whole table and of \
+         one transaction refilling the changed Service's chains. Only the tool's run is timed (kube-proxy's own computation \
+         is extra); lb's figures are from the object snapshots to the maps (full: desired state + initial sync; change: \
+         one change p50). Partial syncs: median of {} changes.\n",
+        plan.kp_changes
+    )?;
+    writeln!(
+        md,
+        "| Services | full: lb ms | full: iptables-nft ms | full: iptables-legacy ms | full: nft ms | iptables-nft / lb | iptables-legacy / lb | nft / lb | change: lb ms | change: iptables-nft ms | change: iptables-legacy ms | change: nft ms | iptables-nft / lb | iptables-legacy / lb | nft / lb |"
+    )?;
+    writeln!(
+        md,
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    )?;
+    let mut full_series = [Vec::new(), Vec::new(), Vec::new(), Vec::new()];
+    let mut change_series = [Vec::new(), Vec::new(), Vec::new(), Vec::new()];
+    for (r, k) in cp_rows.iter().zip(&kp) {
+        anyhow::ensure!(r.services == k.services, "control-plane rows out of step");
+        let lb_full = Some(r.model_ms + r.apply_ms);
+        let lb_change = Some(r.change_ms.0);
+        let x = r.services as f64;
+        for (series, values) in [
+            (
+                &mut full_series,
+                [lb_full, k.iptables_full_ms, k.legacy_full_ms, k.nft_full_ms],
+            ),
+            (
+                &mut change_series,
+                [
+                    lb_change,
+                    k.iptables_change_ms,
+                    k.legacy_change_ms,
+                    k.nft_change_ms,
+                ],
+            ),
+        ] {
+            for (s, v) in series.iter_mut().zip(values) {
+                if let Some(v) = v {
+                    s.push((x, v));
+                }
+            }
+        }
+        let lim = plan.kp_limit;
+        writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {:.2} | {} | {} | {} | {} | {} | {} |",
+            r.services,
+            opt_ms(lb_full, lim),
+            opt_ms(k.iptables_full_ms, lim),
+            opt_ms(k.legacy_full_ms, lim),
+            opt_ms(k.nft_full_ms, lim),
+            ratio(k.iptables_full_ms, lb_full),
+            ratio(k.legacy_full_ms, lb_full),
+            ratio(k.nft_full_ms, lb_full),
+            r.change_ms.0,
+            opt_ms(k.iptables_change_ms, lim),
+            opt_ms(k.legacy_change_ms, lim),
+            opt_ms(k.nft_change_ms, lim),
+            ratio(k.iptables_change_ms, lb_change),
+            ratio(k.legacy_change_ms, lb_change),
+            ratio(k.nft_change_ms, lb_change),
+        )?;
     }
-    std::fs::write(out, &md)?;
-    Ok(md)
+    writeln!(
+        md,
+        "\n\"> N s\": the load did not finish within the limit and was stopped (no partial syncs are timed then). \
+         iptables-nft-restore {} slows down faster than linearly with the number of chains (kube-proxy's hashed chain names arrive in random order).",
+        tool_version("iptables-nft-restore")
+    )?;
+    let names = [
+        "lb",
+        "kube-proxy iptables (nft backend)",
+        "kube-proxy iptables (legacy)",
+        "kube-proxy nftables",
+    ];
+    let to_series = |s: [Vec<(f64, f64)>; 4]| -> Vec<bench_plot::Series> {
+        names
+            .iter()
+            .zip(s)
+            .map(|(&name, points)| bench_plot::Series { name, points })
+            .collect()
+    };
+    match bench_plot::control_plane(
+        &out.control_png,
+        &to_series(full_series),
+        &to_series(change_series),
+    ) {
+        Ok(()) => writeln!(
+            md,
+            "\n![control plane]({})\n",
+            out.control_png
+                .file_name()
+                .map_or_else(String::new, |f| f.to_string_lossy().into_owned())
+        )?,
+        Err(e) => println!("control-plane plot not drawn: {e:#}"),
+    }
+    Ok(())
 }

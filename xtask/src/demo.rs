@@ -9,7 +9,6 @@ use std::{
     net::{Ipv4Addr, SocketAddr},
     path::Path,
     process::Command,
-    sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
 
@@ -30,29 +29,6 @@ const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const MANIFEST: &str = "examples/demo/web.yaml";
 /// The line of the EndpointSlice that the live edit removes (pod-3).
 const POD3_ENDPOINT: &str = "- addresses: [\"10.201.3.2\"]\n  conditions: {ready: true}\n";
-
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_: libc::c_int) {
-    INTERRUPTED.store(true, Ordering::Relaxed);
-}
-
-/// Turns Ctrl-C and SIGTERM into a flag the demo checks between steps, so that it unwinds
-/// and its guards tear everything down instead of the process dying on the spot.
-fn catch_interrupts() {
-    let handler: extern "C" fn(libc::c_int) = on_signal;
-    for sig in [libc::SIGINT, libc::SIGTERM] {
-        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-        unsafe { libc::signal(sig, handler as libc::sighandler_t) };
-    }
-}
-
-fn check_interrupted() -> Result<()> {
-    if INTERRUPTED.load(Ordering::Relaxed) {
-        bail!("interrupted: tearing the demo down");
-    }
-    Ok(())
-}
 
 /// The demo: up, requests, a live edit, more requests, then down (or left up with `keep`).
 pub fn run(keep: bool) -> Result<()> {
@@ -81,19 +57,19 @@ pub fn run(keep: bool) -> Result<()> {
         println!("\nremoving the demo left running by an earlier `--keep`");
         down()?;
     }
-    catch_interrupts();
+    crate::interrupt::catch();
     // Ctrl-C reaches the agent and the servers too (they share the terminal's process
     // group), so the step that was waiting on them fails, often by panicking in a test
     // fixture. Either way the guards tear everything down while unwinding; after an
     // interrupt, say so instead of printing the failure.
     let default_hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
-        if !INTERRUPTED.load(Ordering::Relaxed) {
+        if !crate::interrupt::interrupted() {
             default_hook(info);
         }
     }));
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| up(keep)));
-    if INTERRUPTED.load(Ordering::Relaxed) {
+    if crate::interrupt::interrupted() {
         bail!("interrupted: the demo was torn down");
     }
     match outcome {
@@ -125,7 +101,7 @@ fn up(keep: bool) -> Result<()> {
         .enumerate()
         .map(|(i, p)| servers::spawn(&server_bin, &p.ns, &format!("pod-{}", i + 1), &[8080], &[]))
         .collect();
-    check_interrupted()?;
+    crate::interrupt::check("tearing the demo down")?;
     let agent = Agent::start(&topo.node, &[("web.yaml", &manifest)]);
     println!(
         "lb-agent is running in namespace {} on {MANIFEST} (devices '{NODE_DEVICES}')",
@@ -139,7 +115,7 @@ fn up(keep: bool) -> Result<()> {
             client.ip
         );
         for i in 1..=n {
-            check_interrupted()?;
+            crate::interrupt::check("tearing the demo down")?;
             let addr = SocketAddr::from((CLUSTER_IP, 80));
             let g = client
                 .ns
@@ -154,7 +130,7 @@ fn up(keep: bool) -> Result<()> {
     };
     requests(6)?;
 
-    check_interrupted()?;
+    crate::interrupt::check("tearing the demo down")?;
     println!("\nediting the manifests live: pod-3 (10.201.3.2) leaves the EndpointSlice");
     let started = Instant::now();
     agent.change(|a| a.write("web.yaml", &manifest.replace(POD3_ENDPOINT, "")));

@@ -8,17 +8,28 @@
 //! - `lbt-client hold ADDR:PORT [--timeout-ms MS]`: one connection kept open; prints the
 //!   greeting, then sends each line read from stdin and prints the answer.
 //!
+//! Load modes for the benchmark (`cargo xtask bench datapath`), each bounded by N
+//! operations and S seconds (whichever comes first), each printing `MODE COUNT SECONDS`:
+//!
+//! - `crr`: connect, read one line, close (TCP_CRR; COUNT = connections);
+//! - `rr`: 64-byte request, 64-byte answer on one connection to an echo server (TCP_RR;
+//!   COUNT = transactions);
+//! - `udp-rr`: the same over UDP (UDP_RR; a datagram lost is sent again after
+//!   --timeout-ms);
+//! - `stream`: bulk writes to a sink that answers the byte count it received when the
+//!   client stops sending (TCP_STREAM; COUNT = bytes received).
+//!
 //! Exits with 1 at the first error (printed with its kind, e.g. `connection refused`).
 use std::{
     io::{self, BufRead, BufReader, Write},
     net::SocketAddr,
     process::ExitCode,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use tests::clients::{tcp_connect, tcp_hello, udp_ask, udp_connect};
 
-const USAGE: &str = "usage: lbt-client (tcp|udp|hold) ADDR:PORT [--count N] [--timeout-ms MS]";
+const USAGE: &str = "usage: lbt-client (tcp|udp|hold|crr|rr|udp-rr|stream) ADDR:PORT [--count N] [--seconds S] [--timeout-ms MS]";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -30,12 +41,14 @@ fn main() -> ExitCode {
         }
     };
     let (mut count, mut timeout) = (1u32, Duration::from_secs(2));
+    let mut seconds = None;
     let mut rest = args[2..].iter();
     while let Some(flag) = rest.next() {
         let value = rest.next().and_then(|v| v.parse::<u64>().ok());
         match (flag.as_str(), value) {
             ("--count", Some(n)) => count = n.try_into().unwrap_or(u32::MAX),
             ("--timeout-ms", Some(ms)) => timeout = Duration::from_millis(ms),
+            ("--seconds", Some(s)) => seconds = Some(Duration::from_secs(s)),
             _ => {
                 eprintln!("lbt-client: bad argument {flag}\n{USAGE}");
                 return ExitCode::from(2);
@@ -56,6 +69,25 @@ fn main() -> ExitCode {
             })
         }),
         "hold" => hold(addr, timeout),
+        "rr" => rr(
+            addr,
+            count,
+            seconds.unwrap_or(Duration::from_secs(10)),
+            timeout,
+        ),
+        "udp-rr" => udp_rr(
+            addr,
+            count,
+            seconds.unwrap_or(Duration::from_secs(10)),
+            timeout,
+        ),
+        "stream" => stream(addr, seconds.unwrap_or(Duration::from_secs(10)), timeout),
+        "crr" => crr(
+            addr,
+            count,
+            seconds.unwrap_or(Duration::from_secs(10)),
+            timeout,
+        ),
         _ => {
             eprintln!("{USAGE}");
             return ExitCode::from(2);
@@ -85,5 +117,81 @@ fn hold(addr: SocketAddr, timeout: Duration) -> io::Result<()> {
         print!("{answer}");
         io::stdout().flush()?;
     }
+    Ok(())
+}
+
+/// Connect, read the greeting, close; repeated until `count` connections or `limit`.
+fn crr(addr: SocketAddr, count: u32, limit: Duration, timeout: Duration) -> io::Result<()> {
+    let started = Instant::now();
+    let mut done = 0u32;
+    while done < count && started.elapsed() < limit {
+        tcp_hello(addr, timeout)?;
+        done += 1;
+    }
+    println!("crr {done} {:.6}", started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// Size of a request and of its answer in `rr` and `udp-rr`.
+const RR_BYTES: usize = 64;
+
+/// Request/response on one TCP connection to an echo server.
+fn rr(addr: SocketAddr, count: u32, limit: Duration, timeout: Duration) -> io::Result<()> {
+    use std::io::Read as _;
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, timeout)?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_nodelay(true)?;
+    let (request, mut answer) = ([7u8; RR_BYTES], [0u8; RR_BYTES]);
+    let started = Instant::now();
+    let mut done = 0u32;
+    while done < count && started.elapsed() < limit {
+        stream.write_all(&request)?;
+        stream.read_exact(&mut answer)?;
+        done += 1;
+    }
+    println!("rr {done} {:.6}", started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// Request/response over UDP; a lost datagram is sent again after `timeout`.
+fn udp_rr(addr: SocketAddr, count: u32, limit: Duration, timeout: Duration) -> io::Result<()> {
+    let socket = udp_connect(addr, timeout)?;
+    let (request, mut answer) = ([7u8; RR_BYTES], [0u8; RR_BYTES]);
+    let started = Instant::now();
+    let mut done = 0u32;
+    while done < count && started.elapsed() < limit {
+        socket.send(&request)?;
+        match socket.recv(&mut answer) {
+            Ok(_) => done += 1,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    println!("udp-rr {done} {:.6}", started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// Bulk writes for `limit`, then the sink's count of what it received.
+fn stream(addr: SocketAddr, limit: Duration, timeout: Duration) -> io::Result<()> {
+    use std::io::Read as _;
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, timeout)?;
+    let chunk = vec![7u8; 64 * 1024];
+    let started = Instant::now();
+    while started.elapsed() < limit {
+        stream.write_all(&chunk)?;
+    }
+    stream.shutdown(std::net::Shutdown::Write)?;
+    stream.set_read_timeout(Some(timeout + limit))?;
+    let mut received = [0u8; 8];
+    stream.read_exact(&mut received)?;
+    println!(
+        "stream {} {:.6}",
+        u64::from_be_bytes(received),
+        started.elapsed().as_secs_f64()
+    );
     Ok(())
 }
