@@ -21,6 +21,9 @@ agent=
 server=
 holder=
 
+# Background processes are started with nsenter itself (`nsenter ... &`), not through
+# in_ns: `$!` must be the process (nsenter execs it), not a subshell whose kill would
+# leave the process running.
 in_ns() { ns=$1; shift; nsenter --net="/run/netns/$P-$ns" "$@"; }
 step() {
     name=$1; shift
@@ -73,15 +76,17 @@ topology() {
 }
 
 start_agent() {
-    in_ns node "$BIN/lb-agent" --manifests "$MAN" --devices 'veth*' --bpffs-root "$ROOT" \
-        --healthz-bind-address '' --metrics-bind-address '' >"$WORK/agent-$1.log" 2>&1 &
+    nsenter --net="/run/netns/$P-node" "$BIN/lb-agent" --manifests "$MAN" --devices 'veth*' \
+        --bpffs-root "$ROOT" --healthz-bind-address '' --metrics-bind-address '' \
+        >"$WORK/agent-$1.log" 2>&1 &
     agent=$!
     wait_for 60 "$WORK/agent-$1.log" "lb-agent ready" &&
         sed 's/^/  agent: /' "$WORK/agent-$1.log"
 }
 
 server() {
-    in_ns pod "$BIN/lbt-server" --name pod-1 --tcp 8080 >"$WORK/server.log" 2>&1 &
+    nsenter --net="/run/netns/$P-pod" "$BIN/lbt-server" --name pod-1 --tcp 8080 \
+        >"$WORK/server.log" 2>&1 &
     server=$!
     i=0
     # Ready when it accepts on the pod's address.
@@ -98,7 +103,8 @@ connect() {
 
 hold() {
     mkfifo "$WORK/in" || return 1
-    in_ns client "$BIN/lbt-client" hold "$VIP" --timeout-ms 5000 <"$WORK/in" >"$WORK/held" 2>&1 &
+    nsenter --net="/run/netns/$P-client" "$BIN/lbt-client" hold "$VIP" --timeout-ms 5000 \
+        <"$WORK/in" >"$WORK/held" 2>&1 &
     holder=$!
     exec 3>"$WORK/in"
     echo before >&3
