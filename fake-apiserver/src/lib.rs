@@ -1011,7 +1011,23 @@ impl WatchStream {
         Some(watch_line(kind, &change.object))
     }
 
+    /// Waits while the streams are stalled; `false` when the stream is cut meanwhile.
+    async fn wait_unstalled(&mut self) -> bool {
+        while *self.stalled.borrow_and_update() {
+            tokio::select! {
+                _ = self.disconnects.changed() => return false,
+                r = self.stalled.changed() => if r.is_err() { return false },
+            }
+        }
+        true
+    }
+
     async fn next_line(&mut self) -> Option<Bytes> {
+        // A stalled stream says nothing at all, not even the replay queued when it
+        // opened (a watch resumed just before the stall would otherwise leak it).
+        if !self.wait_unstalled().await {
+            return None;
+        }
         if let Some(line) = self.queued.pop_front() {
             return Some(line);
         }
@@ -1019,11 +1035,8 @@ impl WatchStream {
             return None;
         }
         loop {
-            while *self.stalled.borrow_and_update() {
-                tokio::select! {
-                    _ = self.disconnects.changed() => return None,
-                    r = self.stalled.changed() => if r.is_err() { return None },
-                }
+            if !self.wait_unstalled().await {
+                return None;
             }
             let deadline = async {
                 match self.deadline {

@@ -10,6 +10,9 @@
 //!   swaps its freshly loaded programs into those links atomically (`bpf_link_update`):
 //!   no packet ever sees a device without a program.
 //!
+//! - with `--cgroup-path`, the cgroup `sock_addr` links of the socket hooks
+//!   (`<root>/links/cgroup_<cgroup id>_<hook>`), taken over the same way.
+//!
 //! On kernels without tcx (before 6.6), the programs sit in `cls_bpf` filters of a
 //! `clsact` qdisc instead, at a fixed priority and handle per direction
 //! ([`crate::features`]): the filters outlive the agent by themselves, and a new agent
@@ -22,7 +25,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     ffi::CString,
     fs, io,
-    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    os::fd::{AsFd as _, AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
     path::{Path, PathBuf},
 };
 
@@ -33,7 +36,7 @@ use aya::{
         lpm_trie::{Key as LpmKey, LpmTrie},
     },
     programs::{
-        LinkOrder, SchedClassifier, TcAttachType,
+        CgroupAttachMode, CgroupSockAddr, LinkOrder, SchedClassifier, TcAttachType,
         links::{FdLink, PinnedLink},
         tc::{
             NlOptions, SchedClassifierLink, TcAttachOptions, qdisc_add_clsact, qdisc_detach_program,
@@ -46,7 +49,9 @@ use lb_common::{
 use tracing::{debug, info, warn};
 
 use crate::{
-    features::{Features, NETLINK_HANDLE, NETLINK_PRIORITY, TcAttach},
+    features::{
+        Feature, Features, NETLINK_HANDLE, NETLINK_PRIORITY, Probe, SOCK_HOOKS, SockHook, TcAttach,
+    },
     maps::{MapError, ServiceMaps},
 };
 
@@ -120,6 +125,15 @@ pub enum DatapathError {
     /// Loading the object failed.
     #[error("loading the eBPF object failed: {0}")]
     Load(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// `--cgroup-path` is not a cgroup v2 directory, or the hooks cannot be attached there.
+    #[error("cannot attach the socket hooks to cgroup {path}: {source}")]
+    Cgroup {
+        /// The cgroup directory.
+        path: PathBuf,
+        /// What failed.
+        #[source]
+        source: io::Error,
+    },
     /// Attaching to a device failed.
     #[error("attaching {prog} to {device} failed: {source}")]
     Attach {
@@ -267,8 +281,28 @@ fn detach_netlink(device: &str) -> usize {
 /// Detaches the BPF link pinned at `path` from whatever it is attached to, now
 /// (`BPF_OBJ_GET`, then `BPF_LINK_DETACH`); the link object lives on until its pin goes.
 fn detach_pinned_link(path: &Path) -> io::Result<()> {
-    const BPF_OBJ_GET: libc::c_long = 7;
     const BPF_LINK_DETACH: libc::c_long = 34;
+    let link = open_pinned(path)?;
+    let detach: [u32; 2] = [link.as_raw_fd() as u32, 0];
+    // SAFETY: bpf(2) reads `size_of_val(&detach)` bytes of the link_detach attribute we
+    // own.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_DETACH,
+            detach.as_ptr(),
+            std::mem::size_of_val(&detach),
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// A descriptor of the BPF object pinned at `path` (`BPF_OBJ_GET`).
+fn open_pinned(path: &Path) -> io::Result<OwnedFd> {
+    const BPF_OBJ_GET: libc::c_long = 7;
     #[repr(C)]
     struct ObjGet {
         pathname: u64,
@@ -299,21 +333,7 @@ fn detach_pinned_link(path: &Path) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: the kernel just returned this descriptor to us.
-    let link = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-    let detach: [u32; 2] = [link.as_raw_fd() as u32, 0];
-    // SAFETY: as above, with the link_detach attribute.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_LINK_DETACH,
-            detach.as_ptr(),
-            std::mem::size_of_val(&detach),
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
 fn private_mount_namespace() -> bool {
@@ -373,6 +393,10 @@ fn expected_layout(name: &str) -> Option<(u32, u32)> {
             size_of::<lb_common::AffinityValue>(),
         ),
         map_names::SOURCE_RANGES => (SOURCE_RANGE_KEY_LEN, size_of::<u32>()),
+        lb_common::sock::MAP => (
+            size_of::<lb_common::SockNatKey>(),
+            size_of::<lb_common::SockNatValue>(),
+        ),
         _ => return None,
     };
     Some((sizes.0 as u32, sizes.1 as u32))
@@ -383,7 +407,7 @@ fn expected_layout(name: &str) -> Option<(u32, u32)> {
 /// are unpinned, with a warning naming the difference, and recreated empty.
 fn drop_incompatible_pins(root: &Path, sizes: &MapSizes) {
     let wanted: BTreeMap<&str, u32> = sizes.by_name().into_iter().collect();
-    for name in map_names::PINNED {
+    for name in map_names::PINNED.into_iter().chain(lb_common::sock::PINNED) {
         let path = root.join(name);
         let Ok(info) = MapInfo::from_pin(&path) else {
             continue;
@@ -450,6 +474,8 @@ pub struct Datapath {
     tcx: bool,
     features: Features,
     attached: BTreeMap<String, Attachment>,
+    /// Link pins of the socket hooks attached to the `--cgroup-path` cgroup.
+    cgroup_links: Vec<PathBuf>,
 }
 
 struct Attachment {
@@ -467,8 +493,12 @@ impl Datapath {
     /// [`Datapath::load`] with map capacities other than the defaults.
     pub fn load_sized(root: &Path, object: Option<&Path>, sizes: &MapSizes) -> Result<Self> {
         drop_incompatible_pins(root, sizes);
+        let netns_cookie = own_netns_cookie();
         let mut loader = EbpfLoader::new();
         loader.default_map_pin_directory(root);
+        // Not required to exist: an object given with --ebpf-object may predate the socket
+        // hooks, which are then reported missing by the probe below.
+        loader.override_global(NODE_NETNS_COOKIE, &netns_cookie, false);
         for (name, size) in sizes.by_name() {
             loader.map_max_entries(name, size);
         }
@@ -493,6 +523,11 @@ impl Datapath {
                 .expect("loaded above");
             Features::probe(prog, is_bpffs(root))
         };
+        let mut features = features;
+        features.sock_hooks = SOCK_HOOKS
+            .iter()
+            .map(|hook| load_sock_hook(&mut ebpf, hook))
+            .collect();
         info!("{features}");
         let mode =
             features
@@ -510,7 +545,24 @@ impl Datapath {
             tcx,
             features,
             attached: BTreeMap::new(),
+            cgroup_links: Vec::new(),
         })
+    }
+
+    /// Attach devices through netlink TC even where tcx exists, so that a host with tcx
+    /// can also exercise the path kernels before 6.6 take (the agent's hidden
+    /// `--force-netlink-tc`). Call before the first `sync_devices`.
+    pub fn force_netlink_tc(&mut self) -> Result<()> {
+        if let Probe::No(why) = &self.features.netlink_tc.probe {
+            return Err(DatapathError::KernelFeature {
+                kernel: kernel_string(),
+                feature: self.features.netlink_tc.name,
+                detail: why.clone(),
+            });
+        }
+        info!("attaching through netlink TC (--force-netlink-tc)");
+        self.tcx = false;
+        Ok(())
     }
 
     /// What the kernel offers, as probed at load.
@@ -710,6 +762,10 @@ impl Datapath {
         };
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with(CGROUP_PIN_PREFIX) {
+                // Not a device's: `sync_cgroup` keeps or removes these.
+                continue;
+            }
             let live = present.iter().any(|(dev, idx)| {
                 [INGRESS_DIR, EGRESS_DIR]
                     .iter()
@@ -725,6 +781,10 @@ impl Datapath {
     /// Detaches from every device and removes the link pins (clean shutdown). The maps
     /// stay pinned so that the next agent re-adopts services and live flows.
     pub fn detach_all(&mut self) {
+        for pin in std::mem::take(&mut self.cgroup_links) {
+            remove_cgroup_link(&pin);
+            info!(pin = %pin.display(), "socket hook detached");
+        }
         for (name, a) in std::mem::take(&mut self.attached) {
             if !self.tcx {
                 detach_netlink(&name);
@@ -741,6 +801,203 @@ impl Datapath {
             }
             info!(device = %name, "detached");
         }
+    }
+}
+
+/// Name of the global that tells the socket hooks which network namespace is the node's.
+const NODE_NETNS_COOKIE: &str = "NODE_NETNS_COOKIE";
+/// Pin names of socket hook links start with this (`cgroup_<cgroup id>_<hook>`).
+const CGROUP_PIN_PREFIX: &str = "cgroup_";
+/// `statfs` magic of cgroup v2.
+const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+
+/// The cookie of this process's network namespace (`SO_NETNS_COOKIE`, Linux 5.14), or 0
+/// if the kernel cannot tell: the socket hooks then treat every namespace as the node's,
+/// except for loopback frontends.
+fn own_netns_cookie() -> u64 {
+    const SO_NETNS_COOKIE: libc::c_int = 71;
+    // SAFETY: plain socket(2) call.
+    let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if raw < 0 {
+        return 0;
+    }
+    // SAFETY: `raw` is a fresh descriptor we own.
+    let socket = unsafe { OwnedFd::from_raw_fd(raw) };
+    let mut cookie = 0u64;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: valid socket, and an out buffer of the size given.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc == 0 { cookie } else { 0 }
+}
+
+/// Loads one socket hook program; the outcome is its feature probe.
+fn load_sock_hook(ebpf: &mut Ebpf, hook: &SockHook) -> Feature {
+    let probe = match ebpf.program_mut(hook.prog) {
+        None => Probe::No("not in the eBPF object".into()),
+        Some(prog) => match <&mut CgroupSockAddr>::try_from(prog) {
+            Err(e) => Probe::No(e.to_string()),
+            Ok(prog) => match prog.load() {
+                Ok(()) => Probe::Yes,
+                Err(e) => {
+                    debug!(prog = hook.prog, error = ?e, "socket hook does not load");
+                    Probe::No(e.to_string())
+                }
+            },
+        },
+    };
+    Feature {
+        name: hook.feature,
+        since: hook.since,
+        probe,
+    }
+}
+
+/// The id of the cgroup v2 directory `path` (its inode number), after checking that it is
+/// one.
+fn cgroup_id(path: &Path) -> io::Result<u64> {
+    use std::os::unix::fs::MetadataExt as _;
+    let c = CString::new(path.as_os_str().as_encoded_bytes()).map_err(io::Error::other)?;
+    // SAFETY: statfs writes into the zeroed struct we own.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: valid C string and out pointer.
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if st.f_type as i64 != CGROUP2_SUPER_MAGIC {
+        return Err(io::Error::other(
+            "not a cgroup v2 directory (the hooks need the unified hierarchy, usually \
+             /sys/fs/cgroup)",
+        ));
+    }
+    Ok(fs::metadata(path)?.ino())
+}
+
+/// Gives the link pinned at `pin` the program `prog` (`BPF_LINK_UPDATE`): the hook never
+/// goes without a program.
+fn update_pinned_link(pin: &Path, prog: BorrowedFd<'_>) -> io::Result<()> {
+    const BPF_LINK_UPDATE: libc::c_long = 29;
+    let link = open_pinned(pin)?;
+    // link_fd, new_prog_fd, flags, old_prog_fd.
+    let attr: [u32; 4] = [link.as_raw_fd() as u32, prog.as_raw_fd() as u32, 0, 0];
+    // SAFETY: bpf(2) reads `size_of_val(&attr)` bytes of the link_update attribute we own.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_UPDATE,
+            attr.as_ptr(),
+            std::mem::size_of_val(&attr),
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Detaches the socket hook link pinned at `pin` and removes the pin.
+fn remove_cgroup_link(pin: &Path) {
+    if let Err(e) = detach_pinned_link(pin) {
+        debug!(pin = %pin.display(), error = %e, "cannot detach socket hook link");
+    }
+    if let Err(e) = fs::remove_file(pin)
+        && e.kind() != io::ErrorKind::NotFound
+    {
+        warn!(pin = %pin.display(), error = %e, "cannot remove socket hook link pin");
+    }
+}
+
+impl Datapath {
+    /// Attaches the socket hooks to the cgroup v2 directory `cgroup` (`--cgroup-path`),
+    /// taking over the links a previous agent pinned for it (their programs are swapped,
+    /// so no connection made meanwhile goes untranslated), and detaches hooks pinned for
+    /// any other cgroup or no longer wanted. `None` detaches every socket hook this pin
+    /// directory holds: attaching at a cgroup is the operator's explicit choice. Hooks
+    /// the kernel lacks are left out with a warning naming them and the kernel that has
+    /// them; without `connect4` this fails. Returns the hooks attached.
+    pub fn sync_cgroup(&mut self, cgroup: Option<&Path>) -> Result<Vec<&'static str>> {
+        let links = self.root.join("links");
+        self.cgroup_links.clear();
+        let mut wanted: Vec<(SockHook, PathBuf)> = Vec::new();
+        let mut target = None;
+        if let Some(path) = cgroup {
+            let err = |source| DatapathError::Cgroup {
+                path: path.to_path_buf(),
+                source,
+            };
+            let id = cgroup_id(path).map_err(err)?;
+            let plan = self.features.sock_plan().map_err(|(feature, detail)| {
+                DatapathError::KernelFeature {
+                    kernel: kernel_string(),
+                    feature,
+                    detail,
+                }
+            })?;
+            for skipped in &plan.skipped {
+                warn!(cgroup = %path.display(), "socket hook left out: {skipped}");
+            }
+            wanted = plan
+                .attach
+                .into_iter()
+                .map(|hook| {
+                    let pin = links.join(format!("{CGROUP_PIN_PREFIX}{id}_{}", hook.hook));
+                    (hook, pin)
+                })
+                .collect();
+            target = Some((path, fs::File::open(path).map_err(err)?));
+        }
+        // Hooks of another cgroup (the flag changed) or left out now: detached first, so
+        // that a cgroup never has two of ours on one hook.
+        for entry in fs::read_dir(&links).into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with(CGROUP_PIN_PREFIX)
+                && !wanted.iter().any(|(_, p)| *p == entry.path())
+            {
+                info!(pin = %name, "detaching a socket hook no longer wanted");
+                remove_cgroup_link(&entry.path());
+            }
+        }
+        let Some((path, dir)) = target else {
+            return Ok(Vec::new());
+        };
+        let mut attached = Vec::new();
+        for (hook, pin) in wanted {
+            let err = |source: Box<dyn std::error::Error + Send + Sync>| DatapathError::Attach {
+                prog: hook.prog,
+                device: format!("cgroup {}", path.display()),
+                source,
+            };
+            let prog: &mut CgroupSockAddr = self
+                .ebpf
+                .program_mut(hook.prog)
+                .expect("probed at load")
+                .try_into()
+                .expect("probed at load");
+            let prog_fd = prog.fd().map_err(|e| err(Box::new(e)))?;
+            // A previous agent's link: swap our program in.
+            let taken_over = pin.exists() && update_pinned_link(&pin, prog_fd.as_fd()).is_ok();
+            if !taken_over {
+                let _ = fs::remove_file(&pin);
+                let id = prog
+                    .attach(&dir, CgroupAttachMode::Single)
+                    .map_err(|e| err(Box::new(e)))?;
+                let link = prog.take_link(id).map_err(|e| err(Box::new(e)))?;
+                let fd_link: FdLink = link.try_into().map_err(|e| err(Box::new(e)))?;
+                fd_link.pin(&pin).map_err(|e| err(Box::new(e)))?;
+            }
+            debug!(hook = hook.hook, taken_over, "socket hook attached");
+            attached.push(hook.hook);
+            self.cgroup_links.push(pin);
+        }
+        info!(cgroup = %path.display(), hooks = ?attached, "socket hooks attached");
+        Ok(attached)
     }
 }
 
@@ -1198,7 +1455,7 @@ mod tests {
 
     #[test]
     fn layouts_known_for_every_pinned_map() {
-        for name in map_names::PINNED {
+        for name in map_names::PINNED.into_iter().chain(lb_common::sock::PINNED) {
             assert!(expected_layout(name).is_some(), "{name}");
         }
     }

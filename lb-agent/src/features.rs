@@ -99,6 +99,9 @@ pub struct Features {
     pub tcx: Feature,
     /// clsact + cls_bpf direct-action over netlink.
     pub netlink_tc: Feature,
+    /// The cgroup `sock_addr` hooks ([`SOCK_HOOKS`], in that order), probed by loading
+    /// their programs; only needed with `--cgroup-path`.
+    pub sock_hooks: Vec<Feature>,
 }
 
 /// The map types of `lb-ebpf/src/maps.rs`.
@@ -194,6 +197,7 @@ impl Features {
             required,
             tcx,
             netlink_tc,
+            sock_hooks: Vec::new(),
         }
     }
 
@@ -219,9 +223,13 @@ impl Features {
         }
     }
 
-    /// Every feature in order: the required ones, then tcx and netlink TC.
+    /// Every feature in order: the required ones, then tcx and netlink TC, then the
+    /// socket hooks.
     pub fn all(&self) -> impl Iterator<Item = &Feature> {
-        self.required.iter().chain([&self.tcx, &self.netlink_tc])
+        self.required
+            .iter()
+            .chain([&self.tcx, &self.netlink_tc])
+            .chain(&self.sock_hooks)
     }
 }
 
@@ -361,6 +369,113 @@ fn probe_netlink_tc(prog: &mut SchedClassifier) -> Probe {
     })
 }
 
+/// One cgroup `sock_addr` hook of the datapath (`--cgroup-path`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SockHook {
+    /// The program in the eBPF object.
+    pub prog: &'static str,
+    /// The attach point, as the kernel names it (`connect4`, ...); also the link pin's
+    /// suffix.
+    pub hook: &'static str,
+    /// Feature name, for logs and `--kernel-features`.
+    pub feature: &'static str,
+    /// The first mainline kernel with the attach point.
+    pub since: &'static str,
+    /// What is lost without it.
+    pub without: &'static str,
+}
+
+/// The socket hooks, in the order they are attached and listed.
+pub const SOCK_HOOKS: [SockHook; 4] = [
+    SockHook {
+        prog: "lb_sock_connect4",
+        hook: "connect4",
+        feature: "cgroup_sock_addr:connect4",
+        since: "4.17",
+        without: "no Service is reachable from the cgroup's processes",
+    },
+    SockHook {
+        prog: "lb_sock_sendmsg4",
+        hook: "sendmsg4",
+        feature: "cgroup_sock_addr:sendmsg4",
+        since: "4.18",
+        without: "datagrams of unconnected UDP sockets to Services are not translated",
+    },
+    SockHook {
+        prog: "lb_sock_recvmsg4",
+        hook: "recvmsg4",
+        feature: "cgroup_sock_addr:recvmsg4",
+        since: "5.2",
+        without: "replies to unconnected UDP sockets would show the backend, so sendmsg4 \
+                  is left out too",
+    },
+    SockHook {
+        prog: "lb_sock_getpeername4",
+        hook: "getpeername4",
+        feature: "cgroup_sock_addr:getpeername4",
+        since: "5.8",
+        without: "getpeername(2) on a translated socket shows the backend, not the Service",
+    },
+];
+
+/// Which socket hooks to attach, given the probe results in [`SOCK_HOOKS`] order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SockPlan {
+    /// The hooks to attach.
+    pub attach: Vec<SockHook>,
+    /// One warning per hook left out: the hook, the kernel that has it, what is lost.
+    pub skipped: Vec<String>,
+}
+
+impl Features {
+    /// The socket hooks this kernel can run: `connect4` is required (without it the
+    /// others have nothing to undo), the others are left out with a warning when
+    /// missing, `sendmsg4` together with `recvmsg4` (a UDP reply the application cannot
+    /// match is worse than no translation). An error names the missing feature.
+    pub fn sock_plan(&self) -> Result<SockPlan, (&'static str, String)> {
+        let has = |hook: &str| {
+            SOCK_HOOKS
+                .iter()
+                .zip(&self.sock_hooks)
+                .any(|(h, f)| h.hook == hook && f.probe.yes())
+        };
+        let connect = &SOCK_HOOKS[0];
+        if !has(connect.hook) {
+            let why = self
+                .sock_hooks
+                .first()
+                .map_or_else(|| "not probed".to_owned(), |f| f.probe.to_string());
+            return Err((
+                connect.feature,
+                format!(
+                    "{why}; it arrived in Linux {} (--cgroup-path needs it; run without \
+                     --cgroup-path to leave the node's own processes untranslated)",
+                    connect.since
+                ),
+            ));
+        }
+        let mut plan = SockPlan {
+            attach: Vec::new(),
+            skipped: Vec::new(),
+        };
+        for hook in SOCK_HOOKS {
+            let usable = match hook.hook {
+                "sendmsg4" => has("sendmsg4") && has("recvmsg4"),
+                other => has(other),
+            };
+            if usable {
+                plan.attach.push(hook);
+            } else {
+                plan.skipped.push(format!(
+                    "{} is not available (Linux {} or newer has it): {}",
+                    hook.feature, hook.since, hook.without
+                ));
+            }
+        }
+        Ok(plan)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -382,6 +497,7 @@ mod tests {
             ],
             tcx: feature("tcx", tcx),
             netlink_tc: feature("netlink_tc", netlink),
+            sock_hooks: Vec::new(),
         }
     }
 
@@ -431,5 +547,89 @@ mod tests {
             f.to_string(),
             "kernel 6.1.0: map:hash=yes helper:redirect=yes tcx=no netlink_tc=yes"
         );
+    }
+}
+
+#[cfg(test)]
+mod sock_tests {
+    use super::*;
+
+    fn with_hooks(probes: [bool; 4]) -> Features {
+        Features {
+            kernel: "6.1.0".into(),
+            required: Vec::new(),
+            tcx: Feature {
+                name: "tcx",
+                since: "6.6",
+                probe: Probe::Yes,
+            },
+            netlink_tc: Feature {
+                name: "netlink_tc",
+                since: "4.5",
+                probe: Probe::Yes,
+            },
+            sock_hooks: SOCK_HOOKS
+                .iter()
+                .zip(probes)
+                .map(|(h, yes)| Feature {
+                    name: h.feature,
+                    since: h.since,
+                    probe: if yes {
+                        Probe::Yes
+                    } else {
+                        Probe::No("EINVAL".into())
+                    },
+                })
+                .collect(),
+        }
+    }
+
+    fn attached(plan: &SockPlan) -> Vec<&'static str> {
+        plan.attach.iter().map(|h| h.hook).collect()
+    }
+
+    #[test]
+    fn every_hook_on_a_new_kernel() {
+        let plan = with_hooks([true; 4]).sock_plan().unwrap();
+        assert_eq!(
+            attached(&plan),
+            ["connect4", "sendmsg4", "recvmsg4", "getpeername4"]
+        );
+        assert!(plan.skipped.is_empty());
+    }
+
+    #[test]
+    fn missing_getpeername_is_skipped_with_its_kernel() {
+        let plan = with_hooks([true, true, true, false]).sock_plan().unwrap();
+        assert_eq!(attached(&plan), ["connect4", "sendmsg4", "recvmsg4"]);
+        assert_eq!(plan.skipped.len(), 1);
+        assert!(
+            plan.skipped[0].contains("getpeername4") && plan.skipped[0].contains("5.8"),
+            "{:?}",
+            plan.skipped
+        );
+    }
+
+    #[test]
+    fn sendmsg_goes_with_recvmsg() {
+        let plan = with_hooks([true, true, false, true]).sock_plan().unwrap();
+        assert_eq!(attached(&plan), ["connect4", "getpeername4"]);
+        assert_eq!(plan.skipped.len(), 2, "{:?}", plan.skipped);
+    }
+
+    #[test]
+    fn no_connect_hook_is_refused_by_name() {
+        let (name, detail) = with_hooks([false, true, true, true])
+            .sock_plan()
+            .unwrap_err();
+        assert_eq!(name, "cgroup_sock_addr:connect4");
+        assert!(
+            detail.contains("4.17") && detail.contains("EINVAL"),
+            "{detail}"
+        );
+        // Not probed at all (an object without the programs) is a refusal too.
+        let mut f = with_hooks([true; 4]);
+        f.sock_hooks.clear();
+        assert!(f.sock_plan().is_err());
     }
 }

@@ -1,15 +1,17 @@
-//! The Kubernetes API source: reflectors over Services and EndpointSlices, turned into
-//! [`Objects`] snapshots for the same desired-state -> apply path the manifests source
-//! feeds; and a reflector over this node's own Node object ([`watch_node`]), for the
-//! node's addresses and labels and for whether it is being drained ([`NodeState`]).
+//! The Kubernetes API source: watches over Services and EndpointSlices, turned into
+//! [`Update`]s for the same desired-state -> apply path the manifests source feeds; and a
+//! reflector over this node's own Node object ([`watch_node`]), for the node's addresses
+//! and labels and for whether it is being drained ([`NodeState`]).
 //!
-//! Level-triggered: the stores are the truth, and every snapshot is taken from them whole.
-//! Watch events only say *when* to take one; no map entry is ever derived from a `Delete`
-//! event. Nothing is sent until both initial lists are complete, so a half-listed cluster
-//! never empties the maps.
+//! Each list and relist is sent whole, and each later watch event as the one object it
+//! carries ([`Update`]); the sync loop's [`Tracker`] holds the objects and knows what
+//! changed, so one change costs work for one object, not a pass over the cluster. Nothing
+//! is programmed until both initial lists are complete, so a half-listed cluster never
+//! empties the maps, and a relist replaces every object of its kind, so objects deleted
+//! while a watch was down go away.
 use std::{collections::BTreeMap, path::Path, sync::Arc};
 
-use futures::{FutureExt, StreamExt, stream::BoxStream};
+use futures::{StreamExt, stream::BoxStream};
 use k8s_openapi::api::{
     core::v1::{Node, Service},
     discovery::v1::EndpointSlice,
@@ -18,11 +20,12 @@ use kube::{
     Api, Client, Resource, ResourceExt,
     runtime::{WatchStreamExt, reflector, watcher},
 };
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, instrument, warn};
 
 use crate::{
     model::{Key, Objects},
+    state::{Tracker, Update},
     telemetry::Telemetry,
 };
 
@@ -85,7 +88,7 @@ pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, KubeSourceError
     Ok(Client::try_from(config)?)
 }
 
-/// Which of the two reflectors an item came from.
+/// Which of the two watches an item came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Kind {
     Services,
@@ -102,24 +105,28 @@ impl Kind {
     }
 }
 
-/// One item from either reflector, reduced to what the sync loop needs.
+/// One item from either watch, reduced to what the sync loop needs.
 enum Signal {
-    /// An initial list or relist completed; the store now holds it.
-    InitDone(Kind),
-    /// An object changed in the store.
-    Changed(Kind),
-    /// A relist is in progress (the store is unchanged until its `InitDone`).
+    /// A change for the sync loop: a complete (re)list or one object.
+    Update(Kind, Update),
+    /// A relist is in progress (nothing changes until it completes).
     Relisting(Kind),
     /// The watch failed; the watcher retries with backoff.
     Error(Kind, watcher::Error),
 }
 
-/// Watches `K` with `selector` into a new store, as a stream of [`Signal`]s.
-fn reflect<K>(
+/// Watches `K` with `selector`, as a stream of [`Signal`]s: every object of a (re)list is
+/// gathered and handed over whole when the list completes (`whole`), and each later event
+/// as one object (`one`). The objects are only held here while a list is in progress;
+/// after that the sync loop's [`Objects`] holds the one copy there is.
+fn watch_kind<K>(
     client: &Client,
     selector: &str,
     kind: Kind,
-) -> (reflector::Store<K>, BoxStream<'static, Signal>)
+    trim: fn(&mut K),
+    whole: fn(BTreeMap<Key, Arc<K>>) -> Update,
+    one: fn(Key, Option<Arc<K>>) -> Update,
+) -> BoxStream<'static, Signal>
 where
     K: Resource<DynamicType = ()>
         + Clone
@@ -129,156 +136,184 @@ where
         + Sync
         + 'static,
 {
-    let (store, writer) = reflector::store();
     let config = watcher::Config::default().labels(selector);
-    let stream = watcher(Api::<K>::all(client.clone()), config)
+    let key = |o: &K| (o.namespace().unwrap_or_default(), o.name_any());
+    let mut listing: BTreeMap<Key, Arc<K>> = BTreeMap::new();
+    watcher(Api::<K>::all(client.clone()), config)
         .default_backoff()
-        // managedFields are large and unused; the stores hold every object of the cluster.
-        .modify(|o| o.managed_fields_mut().clear())
-        .reflect(writer)
+        .modify(trim)
         .map(move |item| match item {
-            Ok(watcher::Event::InitDone) => Signal::InitDone(kind),
-            Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => Signal::Relisting(kind),
-            Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_)) => Signal::Changed(kind),
+            Ok(watcher::Event::Init) => {
+                listing.clear();
+                Signal::Relisting(kind)
+            }
+            Ok(watcher::Event::InitApply(o)) => {
+                listing.insert(key(&o), Arc::new(o));
+                Signal::Relisting(kind)
+            }
+            Ok(watcher::Event::InitDone) => {
+                Signal::Update(kind, whole(std::mem::take(&mut listing)))
+            }
+            Ok(watcher::Event::Apply(o)) => Signal::Update(kind, one(key(&o), Some(Arc::new(o)))),
+            Ok(watcher::Event::Delete(o)) => Signal::Update(kind, one(key(&o), None)),
             Err(e) => Signal::Error(kind, e),
         })
-        .boxed();
-    (store, stream)
+        .boxed()
 }
 
-/// Snapshot of both stores as the model's input.
-fn snapshot(
-    services: &reflector::Store<Service>,
-    slices: &reflector::Store<EndpointSlice>,
-) -> Objects {
-    Objects {
-        services: by_key(services),
-        endpoint_slices: by_key(slices),
-        // v1 Endpoints are not watched: in a cluster the EndpointSlice mirroring
-        // controller turns hand-written Endpoints into slices, as kube-proxy relies on.
-        endpoints: Default::default(),
+/// Drops what no part of the agent reads and can be large: managedFields, and the copy of
+/// the whole object `kubectl apply` keeps in an annotation. Every object of the cluster is
+/// held in memory, so this is most of a Service's size in practice.
+fn trim<K: Resource>(o: &mut K) {
+    o.managed_fields_mut().clear();
+    if let Some(a) = o.meta_mut().annotations.as_mut() {
+        a.remove(LAST_APPLIED);
     }
 }
 
-/// The objects of `store`, owned, by (namespace, name).
-fn by_key<K>(store: &reflector::Store<K>) -> BTreeMap<Key, K>
-where
-    K: Resource<DynamicType = ()> + Clone + 'static,
-{
-    store
-        .state()
-        .into_iter()
-        .map(|o| {
-            let o = Arc::unwrap_or_clone(o);
-            ((o.namespace().unwrap_or_default(), o.name_any()), o)
-        })
-        .collect()
-}
-
-/// Most items taken into one snapshot: under a constant stream of events the loop still
-/// sends snapshots (and yields to the runtime) regularly.
-const MAX_BATCH: usize = 1024;
-
-/// The next item if it is ready now and the batch (`taken` so far) is not full.
-fn next_ready(
-    signals: &mut (impl futures::Stream<Item = Signal> + Unpin),
-    taken: usize,
-) -> Option<Signal> {
-    if taken >= MAX_BATCH {
-        return None;
+/// [`trim`], and of each endpoint the reference to its Pod (the largest part of an
+/// endpoint, unused here) and the deprecated topology map.
+fn trim_slice(s: &mut EndpointSlice) {
+    trim(s);
+    for ep in &mut s.endpoints {
+        ep.target_ref = None;
+        ep.deprecated_topology = None;
     }
-    signals.next().now_or_never().flatten()
 }
 
-/// Per-reflector bookkeeping of the sync loop.
+/// The annotation in which `kubectl apply` keeps the last applied object.
+const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
+/// Per-watch bookkeeping of the loop.
 #[derive(Default)]
 struct Progress {
-    /// The first list completed; the store is complete from now on (relists swap in
-    /// atomically at their `InitDone`).
-    listed: bool,
     /// In a failure streak, already logged.
     failing: bool,
 }
 
-/// Watches Services and EndpointSlices and sends an [`Objects`] snapshot to `tx` once
-/// both initial lists are complete and after every change from then on. Returns when
-/// every receiver of `tx` is gone.
+/// Watches Services and EndpointSlices and sends an [`Update`] to `tx` for each completed
+/// (re)list and each changed object, noting in `telemetry` when an update is queued for
+/// the sync loop and when a watch fails and restarts. Returns when the receiver is gone.
 ///
-/// Bursts are coalesced: all items that are ready are taken before one snapshot is sent,
-/// while a lone change is sent at once. Watch failures (including 410 Gone) make the
-/// watchers relist with backoff; the stores, and so the maps, keep their last content
-/// meanwhile, and each failure streak is logged once.
-pub async fn run(client: Client, tx: watch::Sender<Option<Objects>>) {
-    run_observed(client, tx, Arc::new(Telemetry::default())).await;
-}
-
-/// [`run`], recording in `telemetry` when a snapshot is queued for the sync loop and when
-/// a watch fails and restarts.
+/// Level-triggered: a relist (after 410 Gone or a failure) is sent whole, so objects
+/// deleted while the watch was down disappear then. Nothing is flushed on a failure: the
+/// watchers retry with backoff and the sync loop keeps the last state, and each failure
+/// streak is logged once. The receiver waits for both first lists ([`Tracker::complete`])
+/// before it programs anything, and takes every update that is waiting into one sync.
 #[instrument(skip_all)]
 pub async fn run_observed(
     client: Client,
-    tx: watch::Sender<Option<Objects>>,
+    tx: mpsc::UnboundedSender<Update>,
     telemetry: Arc<Telemetry>,
 ) {
-    let (services, service_stream) = reflect::<Service>(&client, SERVICE_SELECTOR, Kind::Services);
-    let (slices, slice_stream) =
-        reflect::<EndpointSlice>(&client, ENDPOINT_SLICE_SELECTOR, Kind::EndpointSlices);
-    let mut signals = futures::stream::select(service_stream, slice_stream);
+    let services = watch_kind::<Service>(
+        &client,
+        SERVICE_SELECTOR,
+        Kind::Services,
+        trim::<Service>,
+        Update::Services,
+        Update::Service,
+    );
+    let slices = watch_kind::<EndpointSlice>(
+        &client,
+        ENDPOINT_SLICE_SELECTOR,
+        Kind::EndpointSlices,
+        trim_slice,
+        Update::EndpointSlices,
+        Update::EndpointSlice,
+    );
+    let mut signals = futures::stream::select(services, slices);
     let mut service_progress = Progress::default();
     let mut slice_progress = Progress::default();
     loop {
-        let first = tokio::select! {
+        let signal = tokio::select! {
             s = signals.next() => s,
             () = tx.closed() => return,
         };
         // Both watcher streams are endless (errors are items); this is unreachable in
         // practice, but returning is the honest answer if it ever happens.
-        let Some(first) = first else { return };
-        let mut dirty = false;
-        let mut signal = Some(first);
-        let mut taken = 0;
-        while let Some(s) = signal {
-            taken += 1;
-            let init_done = matches!(s, Signal::InitDone(_));
-            let (kind, changed) = match s {
-                Signal::InitDone(kind) | Signal::Changed(kind) => (kind, true),
-                Signal::Relisting(kind) => (kind, false),
-                Signal::Error(kind, e) => {
-                    let progress = match kind {
-                        Kind::Services => &mut service_progress,
-                        Kind::EndpointSlices => &mut slice_progress,
-                    };
-                    if !progress.failing {
-                        warn!(resource = ?kind, error = %e, "watch failed; retrying with backoff, keeping the last state");
-                    } else {
-                        debug!(resource = ?kind, error = %e, "watch still failing");
-                    }
-                    progress.failing = true;
-                    telemetry.watch_restarted(kind.label());
-                    signal = next_ready(&mut signals, taken);
-                    continue;
+        let Some(signal) = signal else { return };
+        let kind = match &signal {
+            Signal::Update(kind, _) | Signal::Relisting(kind) | Signal::Error(kind, _) => *kind,
+        };
+        let progress = match kind {
+            Kind::Services => &mut service_progress,
+            Kind::EndpointSlices => &mut slice_progress,
+        };
+        match signal {
+            Signal::Error(kind, e) => {
+                if !progress.failing {
+                    warn!(resource = ?kind, error = %e, "watch failed; retrying with backoff, keeping the last state");
+                } else {
+                    debug!(resource = ?kind, error = %e, "watch still failing");
                 }
-            };
-            let progress = match kind {
-                Kind::Services => &mut service_progress,
-                Kind::EndpointSlices => &mut slice_progress,
-            };
-            if progress.failing {
-                info!(resource = ?kind, "watch recovered");
-                progress.failing = false;
+                progress.failing = true;
+                telemetry.watch_restarted(kind.label());
             }
-            progress.listed |= init_done;
-            dirty |= changed;
-            // Take whatever else is already waiting, without yielding to the runtime, so
-            // that a burst of events becomes one snapshot.
-            signal = next_ready(&mut signals, taken);
-        }
-        if dirty && service_progress.listed && slice_progress.listed {
-            telemetry.queued();
-            if tx.send(Some(snapshot(&services, &slices))).is_err() {
-                return;
+            Signal::Relisting(_) => {}
+            Signal::Update(kind, update) => {
+                if progress.failing {
+                    info!(resource = ?kind, "watch recovered");
+                    progress.failing = false;
+                }
+                telemetry.queued();
+                if tx.send(update).is_err() {
+                    return;
+                }
             }
         }
+    }
+}
+
+/// Most updates taken into one batch: under a constant stream of events the receiver
+/// still syncs (and yields to the runtime) regularly.
+pub const MAX_BATCH: usize = 4096;
+
+/// Waits for the next update and takes every other one that is already waiting (up to
+/// [`MAX_BATCH`]), so that a burst becomes one sync while a lone change is synced at once.
+/// `None` once the sender is gone.
+pub async fn next_batch(rx: &mut mpsc::UnboundedReceiver<Update>) -> Option<Vec<Update>> {
+    let first = rx.recv().await?;
+    let mut batch = vec![first];
+    while batch.len() < MAX_BATCH {
+        match rx.try_recv() {
+            Ok(u) => batch.push(u),
+            Err(_) => break,
+        }
+    }
+    Some(batch)
+}
+
+/// [`run_observed`] as whole snapshots: sends the [`Objects`] to `tx` once both first
+/// lists are complete and after every batch of changes from then on. Returns when every
+/// receiver of `tx` is gone.
+pub async fn run(client: Client, tx: watch::Sender<Option<Objects>>) {
+    let (updates_tx, mut updates) = mpsc::unbounded_channel();
+    let source = run_observed(client, updates_tx, Arc::new(Telemetry::default()));
+    let follow = async {
+        let mut tracker = Tracker::default();
+        let mut sent = false;
+        loop {
+            let batch = tokio::select! {
+                b = next_batch(&mut updates) => b,
+                () = tx.closed() => return,
+            };
+            let Some(batch) = batch else { return };
+            for u in batch {
+                tracker.apply(u);
+            }
+            let (changed, _) = tracker.take_changes();
+            if tracker.complete() && (!sent || !changed.is_empty()) {
+                sent = true;
+                if tx.send(Some(tracker.objects().clone())).is_err() {
+                    return;
+                }
+            }
+        }
+    };
+    tokio::select! {
+        () = source => {}
+        () = follow => {}
     }
 }
 

@@ -8,6 +8,7 @@ pub mod apply;
 pub mod datapath;
 pub mod features;
 pub mod frames;
+pub mod healthcheck;
 pub mod http;
 pub mod kube_source;
 pub mod manifests;

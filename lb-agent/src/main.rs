@@ -13,10 +13,10 @@ use clap::Parser;
 use lb_agent::{
     apply::Applier,
     datapath::{self, Datapath, DevicePatterns, LinkMonitor},
-    http, kube_source,
+    healthcheck, http, kube_source,
     manifests::{ManifestDir, Scan},
     model,
-    state::{ChangedKeys, DesiredCache},
+    state::{DesiredCache, Tracker, Update},
     telemetry::{self, LogFormat, SyncKind, Telemetry},
 };
 use tokio::signal::unix::{SignalKind, signal};
@@ -62,6 +62,19 @@ struct Cli {
     )]
     devices: Option<String>,
 
+    /// cgroup v2 directory whose processes reach Services through socket hooks
+    /// (connect, sendmsg, recvmsg, getpeername): the node's own processes, hostNetwork
+    /// pods and kubelet, whose traffic crosses no device the TC programs translate. The
+    /// root, `/sys/fs/cgroup`, covers every process of the node. Without it no hook is
+    /// attached, and hooks a previous agent attached are removed.
+    #[arg(long, value_name = "PATH")]
+    cgroup_path: Option<PathBuf>,
+
+    /// Also answer NodePorts on 127.0.0.1, for the node's own processes only (through
+    /// the socket hooks of `--cgroup-path`), as kube-proxy's localhost NodePorts do.
+    #[arg(long, requires = "cgroup_path")]
+    nodeport_localhost: bool,
+
     /// Directory on bpffs where maps and links that outlive the agent are pinned
     /// (bpffs is mounted at /sys/fs/bpf if it is not mounted).
     #[arg(long, value_name = "PATH", default_value = "/sys/fs/bpf/lb")]
@@ -98,6 +111,11 @@ struct Cli {
     /// kube-proxy's rules stay in place when kube-proxy stops.
     #[arg(long)]
     detach_on_exit: bool,
+
+    /// Attach through netlink TC (clsact + cls_bpf) even where tcx exists: the path of
+    /// kernels before 6.6, exercised on newer hosts by the end-to-end tests.
+    #[arg(long, hide = true)]
+    force_netlink_tc: bool,
 
     /// Log filter (tracing EnvFilter syntax, e.g. `info`, `lb_agent=debug`); the
     /// `LB_LOG` environment variable is used when this is not given.
@@ -149,55 +167,80 @@ enum Source {
         dir: ManifestDir,
         poll: tokio::time::Interval,
     },
-    /// The Kubernetes API, through [`kube_source::run`] in a task.
+    /// The Kubernetes API, through [`kube_source::run_observed`] in a task.
     Kube {
-        rx: tokio::sync::watch::Receiver<Option<model::Objects>>,
+        rx: tokio::sync::mpsc::UnboundedReceiver<Update>,
         task: tokio::task::JoinHandle<()>,
         node_task: tokio::task::JoinHandle<()>,
     },
 }
 
+/// Changes from a source, synced together.
+struct Batch {
+    updates: Vec<Update>,
+    /// The source's own problems (files, objects), replacing the ones it reported before;
+    /// `None`: unchanged.
+    problems: Option<Vec<model::Problem>>,
+}
+
+impl From<Scan> for Batch {
+    /// A rescan of the manifests replaces everything.
+    fn from(scan: Scan) -> Self {
+        let o = scan.objects;
+        Self {
+            updates: vec![
+                Update::Services(o.services),
+                Update::EndpointSlices(o.endpoint_slices),
+                Update::Endpoints(o.endpoints),
+            ],
+            problems: Some(scan.problems),
+        }
+    }
+}
+
 impl Source {
     /// The first complete state; for the API, once both initial lists are done.
-    async fn first(&mut self) -> anyhow::Result<Scan> {
+    async fn first(&mut self) -> anyhow::Result<Batch> {
         match self {
-            Self::Dir { dir, .. } => Ok(dir.rescan()?.unwrap_or_default()),
+            Self::Dir { dir, .. } => Ok(dir.rescan()?.unwrap_or_default().into()),
             Self::Kube { rx, .. } => {
-                let objects = rx
-                    .wait_for(Option::is_some)
-                    .await
-                    .map_err(|_| anyhow::anyhow!("the Kubernetes watch stopped before listing"))?
-                    .clone()
-                    .unwrap_or_default();
-                Ok(Scan {
-                    objects,
-                    problems: Vec::new(),
+                let mut updates = Vec::new();
+                let (mut services, mut slices) = (false, false);
+                while !(services && slices) {
+                    let u = rx.recv().await.ok_or_else(|| {
+                        anyhow::anyhow!("the Kubernetes watch stopped before listing")
+                    })?;
+                    services |= matches!(u, Update::Services(_));
+                    slices |= matches!(u, Update::EndpointSlices(_));
+                    updates.push(u);
+                }
+                Ok(Batch {
+                    updates,
+                    problems: None,
                 })
             }
         }
     }
 
-    /// Waits for the next changed state. Cancel-safe, for `select!`.
-    async fn next(&mut self) -> Scan {
+    /// Waits for the next changes. Cancel-safe, for `select!`.
+    async fn next(&mut self) -> Batch {
         match self {
             Self::Dir { dir, poll } => loop {
                 poll.tick().await;
                 match dir.rescan() {
-                    Ok(Some(scan)) => return scan,
+                    Ok(Some(scan)) => return scan.into(),
                     Ok(None) => {}
                     Err(e) => warn!("{e}"),
                 }
             },
-            Self::Kube { rx, .. } => {
-                if rx.changed().await.is_err() {
-                    // The source task only ends when the receiver is gone; never here.
-                    std::future::pending::<()>().await;
-                }
-                Scan {
-                    objects: rx.borrow_and_update().clone().unwrap_or_default(),
-                    problems: Vec::new(),
-                }
-            }
+            Self::Kube { rx, .. } => match kube_source::next_batch(rx).await {
+                Some(updates) => Batch {
+                    updates,
+                    problems: None,
+                },
+                // The source task only ends when the receiver is gone; never here.
+                None => std::future::pending().await,
+            },
         }
     }
 }
@@ -228,9 +271,15 @@ fn node_name(cli: &Cli) -> String {
 fn node_context(node: &str, cli: &Cli) -> model::NodeContext {
     let (addrs, primary) = datapath::node_addresses();
     let selection = cli.nodeport_addresses.clone().unwrap_or_default();
+    let mut nodeport_addrs = selection.select(&addrs, primary);
+    if cli.nodeport_localhost {
+        // Only the socket hooks ever see this address, and only in the node's own
+        // network namespace.
+        nodeport_addrs.insert(std::net::Ipv4Addr::LOCALHOST);
+    }
     model::NodeContext {
         node_name: node.to_owned(),
-        nodeport_addrs: selection.select(&addrs, primary),
+        nodeport_addrs,
         ..model::NodeContext::default()
     }
 }
@@ -301,7 +350,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         },
         None => {
             let client = kube_source::client(cli.kubeconfig.as_deref()).await?;
-            let (tx, rx) = tokio::sync::watch::channel(None);
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
             let node_task = tokio::spawn(kube_source::watch_node(
                 client.clone(),
                 node_name(&cli),
@@ -336,6 +385,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
     datapath::prepare(&cli.bpffs_root)?;
     let mut dp = Datapath::load(&cli.bpffs_root, cli.ebpf_object.as_deref())?;
+    if cli.force_netlink_tc {
+        dp.force_netlink_tc()?;
+    }
     let mut maps = dp.service_maps()?;
     let metrics = Arc::new(dp.metrics()?);
     let applier = Applier::adopt(&maps)?;
@@ -370,10 +422,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         _ = sigterm.recv() => return Ok(()),
         _ = sigint.recv() => return Ok(()),
     };
-    let mut syncer = Syncer::new(applier, telemetry, node_context(&node, &cli));
+    let health_checks =
+        healthcheck::Manager::start(&node, cli.nodeport_addresses.as_ref(), telemetry.clone());
+    let mut syncer = Syncer::new(applier, telemetry, node_context(&node, &cli), health_checks);
     syncer.sync(first, &mut maps);
 
     dp.remove_stale_link_pins();
+    dp.sync_cgroup(cli.cgroup_path.as_deref())?;
     let monitor = LinkMonitor::open().map_err(|e| anyhow::anyhow!("netlink link monitor: {e}"))?;
     dp.sync_devices(&patterns);
     let devices: Vec<&str> = dp.devices().collect();
@@ -427,7 +482,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Turns the source's snapshots into map writes. The first sync examines every frontend
+/// Turns the source's changes into map writes. The first sync examines every frontend
 /// (the adopted maps may hold frontends no Service asks for any more); after that, only
 /// the Services whose objects changed are recomputed and only their frontends are diffed
 /// against the maps, so one endpoint change costs a few map writes, not a pass over every
@@ -435,47 +490,71 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 struct Syncer {
     applier: Applier,
     cache: DesiredCache,
-    last: model::Objects,
+    objects: Tracker,
+    /// The source's own problems, as last reported.
+    source_problems: Vec<model::Problem>,
     first_done: bool,
     reported: BTreeSet<String>,
     telemetry: Arc<Telemetry>,
+    /// The health checks on healthCheckNodePorts.
+    health_checks: healthcheck::Manager,
 }
 
 impl Syncer {
-    fn new(applier: Applier, telemetry: Arc<Telemetry>, ctx: model::NodeContext) -> Self {
+    fn new(
+        applier: Applier,
+        telemetry: Arc<Telemetry>,
+        ctx: model::NodeContext,
+        health_checks: healthcheck::Manager,
+    ) -> Self {
         Self {
             applier,
             cache: DesiredCache::new(ctx),
-            last: model::Objects::default(),
+            objects: Tracker::default(),
+            source_problems: Vec::new(),
             first_done: false,
             reported: BTreeSet::new(),
             telemetry,
+            health_checks,
         }
     }
 
-    fn sync(&mut self, scan: Scan, maps: &mut datapath::BpfMaps) {
+    fn sync(&mut self, batch: Batch, maps: &mut datapath::BpfMaps) {
         let started = Instant::now();
-        // The API source queues when it hands a snapshot over; a rescan of the manifests
+        // The API source queues as it hands each update over; a rescan of the manifests
         // directory is queued here, as it is synced at once.
         self.telemetry.queued();
-        let triggers = telemetry::change_trigger_times(&self.last, &scan.objects);
+        for u in batch.updates {
+            self.objects.apply(u);
+        }
+        if let Some(problems) = batch.problems {
+            self.source_problems = problems;
+        }
+        let (changed, triggers) = self.objects.take_changes();
+        self.health_checks
+            .update_changed(self.objects.objects(), &changed);
         let kind = if self.first_done {
             SyncKind::Partial
         } else {
             SyncKind::Full
         };
         let result = if self.first_done {
-            let changed = ChangedKeys::between(&self.last, &scan.objects);
-            let delta = self.cache.update(&scan.objects, &changed);
+            let delta = self.cache.update(self.objects.objects(), &changed);
             self.applier
                 .sync_frontends(self.cache.services(), delta.frontends(), maps)
         } else {
-            self.cache = DesiredCache::build(&scan.objects, self.cache.context().clone()).0;
+            self.cache =
+                DesiredCache::build(self.objects.objects(), self.cache.context().clone()).0;
             self.first_done = true;
             self.applier.sync_services(self.cache.services(), maps)
         };
-        let mut problems: Vec<String> = scan.problems.iter().map(ToString::to_string).collect();
+        let mut problems: Vec<String> = self
+            .source_problems
+            .iter()
+            .map(ToString::to_string)
+            .collect();
         problems.extend(self.cache.problems().map(ToString::to_string));
+        problems.extend(self.health_checks.problems().map(|p| p.to_string()));
         match result {
             Ok(stats) => {
                 self.telemetry
@@ -497,7 +576,6 @@ impl Syncer {
                 error!("sync failed: {e}");
             }
         }
-        self.last = scan.objects;
         report_problems(&mut self.reported, problems);
         self.telemetry.set_problems(self.reported.len());
     }
@@ -511,7 +589,7 @@ impl Syncer {
             return;
         }
         info!(nodeport_addresses = ?ctx.nodeport_addrs, "node addresses changed");
-        let delta = self.cache.set_context(&self.last, ctx);
+        let delta = self.cache.set_context(self.objects.objects(), ctx);
         match self
             .applier
             .sync_frontends(self.cache.services(), delta.frontends(), maps)

@@ -14,6 +14,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fs,
     path::{Path, PathBuf},
+    sync::Arc,
     time::{Duration, SystemTime},
 };
 
@@ -74,9 +75,9 @@ pub struct Scan {
 /// One object read from a file.
 #[derive(Debug, Clone, PartialEq)]
 enum Obj {
-    Service(Box<Service>),
-    Slice(Box<EndpointSlice>),
-    Endpoints(Box<Endpoints>),
+    Service(Arc<Service>),
+    Slice(Arc<EndpointSlice>),
+    Endpoints(Arc<Endpoints>),
 }
 
 #[derive(Debug, Default)]
@@ -197,13 +198,13 @@ impl ManifestDir {
                 let key = (r.namespace.clone(), r.name.clone());
                 match obj {
                     Obj::Service(s) => {
-                        objects.services.insert(key, (**s).clone());
+                        objects.services.insert(key, s.clone());
                     }
                     Obj::Slice(s) => {
-                        objects.endpoint_slices.insert(key, (**s).clone());
+                        objects.endpoint_slices.insert(key, s.clone());
                     }
                     Obj::Endpoints(e) => {
-                        objects.endpoints.insert(key, (**e).clone());
+                        objects.endpoints.insert(key, e.clone());
                     }
                 }
             }
@@ -420,9 +421,9 @@ fn collect(
     }
     let bad = |e: serde_json::Error| format!("{where_}: {r}: {e}");
     let obj = match (api_version.as_str(), kind.as_str()) {
-        ("v1", "Service") => Obj::Service(serde_json::from_value(doc).map_err(bad)?),
+        ("v1", "Service") => Obj::Service(Arc::new(serde_json::from_value(doc).map_err(bad)?)),
         ("discovery.k8s.io/v1", "EndpointSlice") => {
-            let slice: Box<EndpointSlice> = serde_json::from_value(doc).map_err(bad)?;
+            let slice: Arc<EndpointSlice> = Arc::new(serde_json::from_value(doc).map_err(bad)?);
             let owned = slice
                 .metadata
                 .labels
@@ -436,7 +437,7 @@ fn collect(
             }
             Obj::Slice(slice)
         }
-        ("v1", "Endpoints") => Obj::Endpoints(serde_json::from_value(doc).map_err(bad)?),
+        ("v1", "Endpoints") => Obj::Endpoints(Arc::new(serde_json::from_value(doc).map_err(bad)?)),
         _ => {
             notes.push(format!(
                 "{where_}: {api_version} {r} is not used by lb-agent; skipped"

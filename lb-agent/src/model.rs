@@ -32,6 +32,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
     net::{IpAddr, Ipv4Addr},
+    sync::Arc,
 };
 
 use k8s_openapi::api::{
@@ -249,14 +250,18 @@ impl NodePortAddresses {
 }
 
 /// All objects a source currently holds.
+///
+/// The objects are shared (`Arc`): a source, the sync loop and a snapshot of it hold the
+/// same allocation, so keeping a copy costs a pointer per object, and an object that did
+/// not change is recognised by its address before any field is compared.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Objects {
     /// Services by (namespace, name).
-    pub services: BTreeMap<Key, Service>,
+    pub services: BTreeMap<Key, Arc<Service>>,
     /// EndpointSlices by (namespace, name).
-    pub endpoint_slices: BTreeMap<Key, EndpointSlice>,
+    pub endpoint_slices: BTreeMap<Key, Arc<EndpointSlice>>,
     /// v1 Endpoints by (namespace, name) (the Service's name).
-    pub endpoints: BTreeMap<Key, Endpoints>,
+    pub endpoints: BTreeMap<Key, Arc<Endpoints>>,
 }
 
 /// L4 protocol of a frontend.
@@ -438,7 +443,7 @@ pub fn desired_state(objects: &Objects, ctx: &NodeContext) -> Desired {
             .get(&(key.0.as_str(), key.1.as_str()))
             .map_or(&[][..], Vec::as_slice);
         let claims = service_claims(objects, key, svc, slices, ctx);
-        for (fe, entry) in &claims.frontends {
+        for (fe, entry) in claims.frontends.iter() {
             services.entry(*fe).or_insert_with(|| entry.clone());
         }
         problems.extend(claims.problems_with(|fe| services.get(fe).map(|s| &s.owner)));
@@ -449,6 +454,56 @@ pub fn desired_state(objects: &Objects, ctx: &NodeContext) -> Desired {
     }
 }
 
+/// The frontends one Service claims, with their entries, sorted by frontend. A Service has
+/// a handful, so they sit in one vector: a map would allocate a node for eleven entries
+/// per Service, the largest part of the cache at 100,000 Services.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct FrontendClaims(Vec<(Frontend, DesiredService)>);
+
+impl FrontendClaims {
+    /// The entry claimed for `fe`.
+    pub fn get(&self, fe: &Frontend) -> Option<&DesiredService> {
+        let i = self.0.binary_search_by(|(f, _)| f.cmp(fe)).ok()?;
+        Some(&self.0[i].1)
+    }
+
+    /// Whether `fe` is claimed.
+    pub fn contains_key(&self, fe: &Frontend) -> bool {
+        self.get(fe).is_some()
+    }
+
+    /// The claimed frontends, in order.
+    pub fn keys(&self) -> impl Iterator<Item = &Frontend> {
+        self.0.iter().map(|(f, _)| f)
+    }
+
+    /// The claimed frontends with their entries, in order.
+    pub fn iter(&self) -> impl Iterator<Item = (&Frontend, &DesiredService)> {
+        self.0.iter().map(|(f, e)| (f, e))
+    }
+
+    /// How many frontends are claimed.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether none is.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Claims `fe` with `entry` unless it is claimed already; whether it was new.
+    fn insert_new(&mut self, fe: Frontend, entry: DesiredService) -> bool {
+        match self.0.binary_search_by(|(f, _)| f.cmp(&fe)) {
+            Ok(_) => false,
+            Err(i) => {
+                self.0.insert(i, (fe, entry));
+                true
+            }
+        }
+    }
+}
+
 /// What one Service asks for on its own, before frontend conflicts with other Services
 /// are settled: the unit that [`desired_state`] and the incremental cache both compute.
 #[derive(Debug, Clone, PartialEq)]
@@ -456,7 +511,7 @@ pub struct ServiceClaims {
     /// The Service.
     pub owner: ObjectRef,
     /// Each frontend the Service defines, with its first definition.
-    pub frontends: BTreeMap<Frontend, DesiredService>,
+    pub frontends: FrontendClaims,
     /// Frontends the Service defines more than once.
     pub repeated: BTreeSet<Frontend>,
     /// Problems with the Service itself (frontend conflicts aside).
@@ -466,13 +521,8 @@ pub struct ServiceClaims {
 impl ServiceClaims {
     /// Claims `fe` with `entry`, unless the Service already did (then it is repeated).
     fn claim(&mut self, fe: Frontend, entry: DesiredService) {
-        match self.frontends.entry(fe) {
-            std::collections::btree_map::Entry::Occupied(_) => {
-                self.repeated.insert(fe);
-            }
-            std::collections::btree_map::Entry::Vacant(v) => {
-                v.insert(entry);
-            }
+        if !self.frontends.insert_new(fe, entry) {
+            self.repeated.insert(fe);
         }
     }
 
@@ -484,7 +534,7 @@ impl ServiceClaims {
         mut winner: impl FnMut(&Frontend) -> Option<&'o ObjectRef>,
     ) -> BTreeSet<Problem> {
         let mut problems = self.problems.clone();
-        for (fe, entry) in &self.frontends {
+        for (fe, entry) in self.frontends.iter() {
             let what = match entry.kind {
                 FrontendKind::NodePort => format!("nodePort {}/{}", fe.port, fe.proto.as_str()),
                 _ => fe.to_string(),
@@ -517,7 +567,7 @@ pub fn service_claims(
     let owner = ObjectRef::new("Service", ns, name);
     let mut claims = ServiceClaims {
         owner: owner.clone(),
-        frontends: BTreeMap::new(),
+        frontends: FrontendClaims::default(),
         repeated: BTreeSet::new(),
         problems: BTreeSet::new(),
     };
@@ -695,6 +745,8 @@ pub fn service_claims(
     for (fe, entry) in claimed {
         claims.claim(fe, entry);
     }
+    // The cache keeps the claims of every Service: no spare capacity.
+    claims.frontends.0.shrink_to_fit();
     claims
 }
 
@@ -1326,19 +1378,19 @@ pub mod fixtures {
         /// Adds a Service.
         pub fn svc(mut self, s: Svc) -> Self {
             let k = key(&s.0.metadata);
-            self.0.services.insert(k, s.0);
+            self.0.services.insert(k, s.0.into());
             self
         }
         /// Adds a slice.
         pub fn slice(mut self, s: Slice) -> Self {
             let k = key(&s.0.metadata);
-            self.0.endpoint_slices.insert(k, s.0);
+            self.0.endpoint_slices.insert(k, s.0.into());
             self
         }
         /// Adds an Endpoints object.
         pub fn endpoints(mut self, e: Endpoints) -> Self {
             let k = key(&e.metadata);
-            self.0.endpoints.insert(k, e);
+            self.0.endpoints.insert(k, e.into());
             self
         }
     }
@@ -1933,7 +1985,7 @@ mod tests {
         // Without `sessionAffinity: ClientIP`, no affinity whatever the config says.
         let mut w = base(Some(60));
         for s in w.0.services.values_mut() {
-            s.spec.as_mut().unwrap().session_affinity = Some("None".into());
+            Arc::make_mut(s).spec.as_mut().unwrap().session_affinity = Some("None".into());
         }
         assert_eq!(
             desired_state(&w.0, &NodeContext::default())
@@ -2150,7 +2202,7 @@ mod tests {
         // Ingress IPs count only for type LoadBalancer; externalIPs for any type.
         let mut w = w;
         for s in w.0.services.values_mut() {
-            s.spec.as_mut().unwrap().type_ = Some("ClusterIP".into());
+            Arc::make_mut(s).spec.as_mut().unwrap().type_ = Some("ClusterIP".into());
         }
         let d = desired_state(&w.0, &node());
         assert_eq!(

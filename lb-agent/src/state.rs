@@ -11,23 +11,32 @@
 //! computed for ([`NodeContext`]: its name and NodePort addresses) is part of the cache;
 //! when it changes, [`DesiredCache::set_context`] recomputes every Service.
 //!
-//! The agent's loop, per new snapshot of the objects:
-//! `ChangedKeys::between(&last, &next)` -> [`DesiredCache::update`] ->
+//! The agent's loop: a source reports [`Update`]s — a watch each changed object on its own
+//! and each (re)list whole, the manifests directory whole lists after every rescan — and a
+//! [`Tracker`] applies them to the one copy of the objects and notes the changed keys
+//! ([`ChangedKeys`]); then [`DesiredCache::update`] ->
 //! `applier.sync_frontends(cache.services(), delta.frontends(), maps)`. After
 //! `Applier::adopt` the first sync must be the full `Applier::sync_services`, since the
-//! maps may hold frontends the cache never reported. A source that knows what changed (a
-//! watch) fills [`ChangedKeys`] itself; diffing whole snapshots is the one step whose
-//! cost still grows with the number of objects.
+//! maps may hold frontends the cache never reported. One watch event thus costs work for
+//! the objects it names, whatever the number of Services; only whole lists are compared
+//! object by object, and shared objects (`Arc`) that did not change are recognised by
+//! their address.
 use std::{
     cmp::Ordering,
     collections::{BTreeMap, BTreeSet, btree_map::Entry},
+    sync::Arc,
+    time::SystemTime,
 };
 
-use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::{
+    core::v1::{Endpoints, Service},
+    discovery::v1::EndpointSlice,
+};
 
 use crate::model::{
     self, Desired, DesiredService, Frontend, Key, NodeContext, Objects, Problem, ServiceClaims,
 };
+use crate::telemetry;
 
 /// Keys of the objects that were added, changed or deleted between two snapshots.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -58,7 +67,141 @@ impl ChangedKeys {
     }
 }
 
-fn changed_keys<V: PartialEq>(old: &BTreeMap<Key, V>, new: &BTreeMap<Key, V>) -> BTreeSet<Key> {
+/// One change a watching source reports, applied to the [`Objects`] it describes with
+/// [`Update::apply`]. A whole list replaces every object of its kind (the initial list and
+/// every relist, so objects deleted while the watch was down go away); an object update
+/// replaces or (`None`) removes one object.
+#[derive(Debug, Clone)]
+pub enum Update {
+    /// Every Service there is.
+    Services(BTreeMap<Key, Arc<Service>>),
+    /// Every EndpointSlice there is.
+    EndpointSlices(BTreeMap<Key, Arc<EndpointSlice>>),
+    /// One Service, as it is now or gone.
+    Service(Key, Option<Arc<Service>>),
+    /// One EndpointSlice, as it is now or gone.
+    EndpointSlice(Key, Option<Arc<EndpointSlice>>),
+    /// Every v1 Endpoints object there is (manifests only: in a cluster the mirroring
+    /// controller turns them into EndpointSlices).
+    Endpoints(BTreeMap<Key, Arc<Endpoints>>),
+}
+
+impl Update {
+    /// Applies the update to `objects` and adds the keys whose object it changed to
+    /// `changed`.
+    pub fn apply(self, objects: &mut Objects, changed: &mut ChangedKeys) {
+        match self {
+            Self::Services(all) => {
+                changed
+                    .services
+                    .extend(changed_keys(&objects.services, &all));
+                objects.services = all;
+            }
+            Self::EndpointSlices(all) => {
+                changed
+                    .endpoint_slices
+                    .extend(changed_keys(&objects.endpoint_slices, &all));
+                objects.endpoint_slices = all;
+            }
+            Self::Endpoints(all) => {
+                changed
+                    .endpoints
+                    .extend(changed_keys(&objects.endpoints, &all));
+                objects.endpoints = all;
+            }
+            Self::Service(key, now) => {
+                if replace(&mut objects.services, &key, now) {
+                    changed.services.insert(key);
+                }
+            }
+            Self::EndpointSlice(key, now) => {
+                if replace(&mut objects.endpoint_slices, &key, now) {
+                    changed.endpoint_slices.insert(key);
+                }
+            }
+        }
+    }
+}
+
+/// The objects a stream of [`Update`]s describes, with what changed since the changes
+/// were last taken: the input of [`DesiredCache::update`].
+#[derive(Debug, Clone, Default)]
+pub struct Tracker {
+    objects: Objects,
+    changed: ChangedKeys,
+    /// Trigger times of the EndpointSlice changes not taken yet.
+    triggers: Vec<SystemTime>,
+    services_listed: bool,
+    slices_listed: bool,
+}
+
+impl Tracker {
+    /// Applies one update.
+    pub fn apply(&mut self, update: Update) {
+        match &update {
+            Update::Services(_) => self.services_listed = true,
+            Update::EndpointSlices(all) => {
+                self.slices_listed = true;
+                let old = &self.objects.endpoint_slices;
+                self.triggers.extend(all.iter().filter_map(|(key, new)| {
+                    let old = old.get(key);
+                    if old.is_some_and(|old| Arc::ptr_eq(old, new)) {
+                        return None;
+                    }
+                    telemetry::trigger_time(old.map(|s| &**s), new)
+                }));
+            }
+            Update::EndpointSlice(key, Some(new)) => {
+                let old = self.objects.endpoint_slices.get(key).map(|s| &**s);
+                self.triggers.extend(telemetry::trigger_time(old, new));
+            }
+            Update::Service(..) | Update::EndpointSlice(_, None) | Update::Endpoints(_) => {}
+        }
+        update.apply(&mut self.objects, &mut self.changed);
+    }
+
+    /// Whether Services and EndpointSlices have both been listed: before that, the objects
+    /// are not the cluster's, and nothing may be programmed from them.
+    pub fn complete(&self) -> bool {
+        self.services_listed && self.slices_listed
+    }
+
+    /// The objects now.
+    pub fn objects(&self) -> &Objects {
+        &self.objects
+    }
+
+    /// The keys changed since the last call, and the trigger times of those changes.
+    pub fn take_changes(&mut self) -> (ChangedKeys, Vec<SystemTime>) {
+        (
+            std::mem::take(&mut self.changed),
+            std::mem::take(&mut self.triggers),
+        )
+    }
+}
+
+/// Puts `now` (or nothing) at `key`; whether that changed what is there.
+fn replace<V: PartialEq>(map: &mut BTreeMap<Key, Arc<V>>, key: &Key, now: Option<Arc<V>>) -> bool {
+    match now {
+        Some(v) => match map.entry(key.clone()) {
+            Entry::Occupied(mut e) => {
+                let same = Arc::ptr_eq(e.get(), &v) || **e.get() == *v;
+                e.insert(v);
+                !same
+            }
+            Entry::Vacant(e) => {
+                e.insert(v);
+                true
+            }
+        },
+        None => map.remove(key).is_some(),
+    }
+}
+
+fn changed_keys<V: PartialEq>(
+    old: &BTreeMap<Key, Arc<V>>,
+    new: &BTreeMap<Key, Arc<V>>,
+) -> BTreeSet<Key> {
     let mut out = BTreeSet::new();
     let (mut a, mut b) = (old.iter().peekable(), new.iter().peekable());
     loop {
@@ -84,7 +227,8 @@ fn changed_keys<V: PartialEq>(old: &BTreeMap<Key, V>, new: &BTreeMap<Key, V>) ->
                 Ordering::Equal => {
                     a.next();
                     b.next();
-                    (va != vb).then_some(ka)
+                    // The same allocation is the same object; only copies are compared.
+                    (!Arc::ptr_eq(va, vb) && va != vb).then_some(ka)
                 }
             },
         };
@@ -134,7 +278,7 @@ pub struct DesiredCache {
     /// What each Service claims on its own.
     claims: BTreeMap<Key, ServiceClaims>,
     /// The Services claiming each frontend; the first holds it.
-    claimants: BTreeMap<Frontend, BTreeSet<Key>>,
+    claimants: BTreeMap<Frontend, SmallSet<Key>>,
     /// The settled table: each frontend's entry from the Service that holds it.
     services: BTreeMap<Frontend, DesiredService>,
     /// The problems of each Service that has any, sorted.
@@ -142,7 +286,49 @@ pub struct DesiredCache {
     /// The Service each EndpointSlice belongs to (slices the label filter drops: none).
     slice_owner: BTreeMap<Key, Key>,
     /// The EndpointSlices of each Service.
-    slices_of: BTreeMap<Key, BTreeSet<Key>>,
+    slices_of: BTreeMap<Key, SmallSet<Key>>,
+}
+
+/// A sorted set in one vector, for the sets the cache keeps per Service and per frontend:
+/// nearly all hold one element, and a `BTreeSet` would allocate a node for eleven.
+#[derive(Debug, Clone)]
+struct SmallSet<T>(Vec<T>);
+
+impl<T> Default for SmallSet<T> {
+    fn default() -> Self {
+        Self(Vec::new())
+    }
+}
+
+impl<T: Ord> SmallSet<T> {
+    fn insert(&mut self, v: T) {
+        if let Err(i) = self.0.binary_search(&v) {
+            self.0.insert(i, v);
+        }
+    }
+
+    fn remove(&mut self, v: &T) {
+        if let Ok(i) = self.0.binary_search(v) {
+            self.0.remove(i);
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    fn first(&self) -> Option<&T> {
+        self.0.first()
+    }
+}
+
+impl<'a, T> IntoIterator for &'a SmallSet<T> {
+    type Item = &'a T;
+    type IntoIter = std::slice::Iter<'a, T>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter()
+    }
 }
 
 impl DesiredCache {
@@ -203,7 +389,7 @@ impl DesiredCache {
             let owner = objects
                 .endpoint_slices
                 .get(key)
-                .and_then(model::slice_service)
+                .and_then(|s| model::slice_service(s))
                 .map(|service| (key.0.clone(), service.to_owned()));
             if let Some(owner) = owner {
                 self.slices_of
@@ -224,7 +410,7 @@ impl DesiredCache {
                     .get(key)
                     .into_iter()
                     .flatten()
-                    .filter_map(|s| objects.endpoint_slices.get(s))
+                    .filter_map(|s| objects.endpoint_slices.get(s).map(|s| &**s))
                     .collect();
                 model::service_claims(objects, key, svc, &slices, &self.ctx)
             });
@@ -342,15 +528,47 @@ mod tests {
         objects: Objects,
         full: (Applier, MemMaps),
         incremental: (DesiredCache, Applier, MemMaps),
+        /// The objects as the incremental path sees them: fed updates as a watch gives.
+        tracker: Tracker,
+        steps: usize,
     }
 
     impl Both {
         fn new() -> Self {
+            let mut tracker = Tracker::default();
+            tracker.apply(Update::Services(BTreeMap::new()));
+            tracker.apply(Update::EndpointSlices(BTreeMap::new()));
             Self {
                 objects: Objects::default(),
                 full: (Applier::new(), MemMaps::default()),
                 incremental: (DesiredCache::new(ctx()), Applier::new(), MemMaps::default()),
+                tracker,
+                steps: 0,
             }
+        }
+
+        /// What a watch reports for the change from `before` to `after`: each changed
+        /// object on its own, or (every fifth step, as after a relist) whole lists.
+        fn updates(step: usize, before: &Objects, after: &Objects) -> Vec<Update> {
+            let changed = ChangedKeys::between(before, after);
+            let mut updates = Vec::new();
+            if step.is_multiple_of(5) {
+                updates.push(Update::Services(after.services.clone()));
+                updates.push(Update::EndpointSlices(after.endpoint_slices.clone()));
+            } else {
+                for key in changed.services {
+                    let now = after.services.get(&key).cloned();
+                    updates.push(Update::Service(key, now));
+                }
+                for key in changed.endpoint_slices {
+                    let now = after.endpoint_slices.get(&key).cloned();
+                    updates.push(Update::EndpointSlice(key, now));
+                }
+            }
+            if !changed.endpoints.is_empty() {
+                updates.push(Update::Endpoints(after.endpoints.clone()));
+            }
+            updates
         }
 
         /// Applies `change` to the objects, runs both paths, checks they agree, and
@@ -365,9 +583,15 @@ mod tests {
             fm.log.clear();
             let full_stats = fa.sync(&want, fm).unwrap();
 
+            self.steps += 1;
+            for u in Self::updates(self.steps, &before, &self.objects) {
+                self.tracker.apply(u);
+            }
+            let (changed, _) = self.tracker.take_changes();
+            assert_eq!(self.tracker.objects(), &self.objects);
+            assert_eq!(changed, ChangedKeys::between(&before, &self.objects));
             let (cache, ia, im) = &mut self.incremental;
-            let changed = ChangedKeys::between(&before, &self.objects);
-            let delta = cache.update(&self.objects, &changed);
+            let delta = cache.update(self.tracker.objects(), &changed);
             assert_eq!(cache.desired(), want, "cache differs from desired_state");
             let exact: BTreeSet<Frontend> = old
                 .services
@@ -408,13 +632,13 @@ mod tests {
     fn put_svc(o: &mut Objects, s: Svc) {
         let m = &s.0.metadata;
         let key = (m.namespace.clone().unwrap(), m.name.clone().unwrap());
-        o.services.insert(key, s.0);
+        o.services.insert(key, s.0.into());
     }
 
     fn put_slice(o: &mut Objects, s: Slice) {
         let m = &s.0.metadata;
         let key = (m.namespace.clone().unwrap(), m.name.clone().unwrap());
-        o.endpoint_slices.insert(key, s.0);
+        o.endpoint_slices.insert(key, s.0.into());
     }
 
     fn k(ns: &str, name: &str) -> Key {
@@ -539,7 +763,7 @@ mod tests {
         let (delta, _) = both.step(|o| {
             o.endpoints.insert(
                 k("default", "b"),
-                endpoints("default", "b", &["10.0.0.7"], &[], &[("", 80, "TCP")]),
+                endpoints("default", "b", &["10.0.0.7"], &[], &[("", 80, "TCP")]).into(),
             );
             put_slice(
                 o,
@@ -596,7 +820,7 @@ mod tests {
             Box::new(|o: &mut Objects| {
                 o.endpoints.insert(
                     k("default", "a"),
-                    endpoints("default", "a", &["10.0.0.9"], &[], &[("", 80, "TCP")]),
+                    endpoints("default", "a", &["10.0.0.9"], &[], &[("", 80, "TCP")]).into(),
                 );
             }),
             Box::new(|o: &mut Objects| {
@@ -634,6 +858,77 @@ mod tests {
         );
         assert!(changed.endpoint_slices.is_empty() && changed.endpoints.is_empty());
         assert!(ChangedKeys::between(&b, &b).is_empty());
+    }
+
+    #[test]
+    fn tracker_is_complete_after_both_lists_and_names_what_changed() {
+        let mut t = Tracker::default();
+        let mut o = Objects::default();
+        put_svc(&mut o, svc("default", "a").cluster_ip("10.96.0.1"));
+        put_svc(&mut o, svc("default", "b").cluster_ip("10.96.0.2"));
+        t.apply(Update::Services(o.services.clone()));
+        assert!(!t.complete(), "only the Services are listed");
+        t.apply(Update::EndpointSlices(BTreeMap::new()));
+        assert!(t.complete());
+        let (changed, triggers) = t.take_changes();
+        assert_eq!(
+            changed.services,
+            BTreeSet::from([k("default", "a"), k("default", "b")])
+        );
+        assert!(triggers.is_empty());
+
+        // The same object again, or a copy equal to it: nothing changed.
+        let a = o.services[&k("default", "a")].clone();
+        t.apply(Update::Service(k("default", "a"), Some(a.clone())));
+        t.apply(Update::Service(
+            k("default", "a"),
+            Some(Arc::new((*a).clone())),
+        ));
+        t.apply(Update::Service(k("default", "gone"), None));
+        assert!(t.take_changes().0.is_empty());
+
+        // A relist that misses "b" (deleted while the watch was down) removes it.
+        let mut relisted = o.services.clone();
+        relisted.remove(&k("default", "b"));
+        t.apply(Update::Services(relisted));
+        let (changed, _) = t.take_changes();
+        assert_eq!(changed.services, BTreeSet::from([k("default", "b")]));
+        assert!(!t.objects().services.contains_key(&k("default", "b")));
+    }
+
+    #[test]
+    fn tracker_collects_trigger_times_of_changed_slices() {
+        let stamped = |t: &str| {
+            let mut s = slice("default", "a-1", "a")
+                .ready("10.0.0.1")
+                .port("", 80, "TCP")
+                .0;
+            s.metadata.annotations =
+                Some([(telemetry::TRIGGER_TIME_ANNOTATION.to_owned(), t.to_owned())].into());
+            Arc::new(s)
+        };
+        let mut t = Tracker::default();
+        let key = k("default", "a-1");
+        let first = stamped("2026-01-01T00:00:00Z");
+        t.apply(Update::EndpointSlices(
+            [(key.clone(), first.clone())].into(),
+        ));
+        assert_eq!(t.take_changes().1.len(), 1, "a new slice counts");
+        t.apply(Update::EndpointSlice(
+            key.clone(),
+            Some(stamped("2026-01-01T00:00:00Z")),
+        ));
+        assert!(
+            t.take_changes().1.is_empty(),
+            "the same trigger time counts once"
+        );
+        t.apply(Update::EndpointSlice(
+            key.clone(),
+            Some(stamped("2026-01-01T00:00:09Z")),
+        ));
+        let (changed, triggers) = t.take_changes();
+        assert_eq!(changed.endpoint_slices, BTreeSet::from([key]));
+        assert_eq!(triggers.len(), 1);
     }
 
     const NAMES: [&str; 5] = ["s0", "s1", "s2", "s3", "s4"];
@@ -760,7 +1055,7 @@ mod tests {
                     let port = pick(rng, &["", "http", "dns"]);
                     o.endpoints.insert(
                         k(ns, name),
-                        endpoints(ns, name, &[&r], &[&n], &[(port, 8080, "TCP")]),
+                        endpoints(ns, name, &[&r], &[&n], &[(port, 8080, "TCP")]).into(),
                     );
                 }
             }

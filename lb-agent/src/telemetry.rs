@@ -21,7 +21,9 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use crate::model::Objects;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+
+use crate::model::{Key, Objects};
 
 /// How long a queued update may wait for a successful sync before the agent reports
 /// itself unhealthy: kube-proxy's default (twice its 30 s sync period).
@@ -138,27 +140,35 @@ pub fn health_report(
     }
 }
 
-/// Trigger times (see [`TRIGGER_TIME_ANNOTATION`]) of the EndpointSlices that are new or
-/// carry a new trigger time in `new` compared with `old`: the changes whose programming
-/// latency a sync of `new` completes.
-pub fn change_trigger_times(old: &Objects, new: &Objects) -> Vec<SystemTime> {
-    let trigger = |s: &k8s_openapi::api::discovery::v1::EndpointSlice| {
+/// The trigger time (see [`TRIGGER_TIME_ANNOTATION`]) an EndpointSlice carries in `new`
+/// when it is new or its trigger time differs from the one it had in `old`: a change whose
+/// programming latency a sync of `new` completes.
+pub fn trigger_time(old: Option<&EndpointSlice>, new: &EndpointSlice) -> Option<SystemTime> {
+    fn trigger(s: &EndpointSlice) -> Option<&String> {
         s.metadata
             .annotations
             .as_ref()
             .and_then(|a| a.get(TRIGGER_TIME_ANNOTATION))
-            .cloned()
-    };
-    new.endpoint_slices
-        .iter()
-        .filter_map(|(key, slice)| {
-            let value = trigger(slice)?;
-            let before = old.endpoint_slices.get(key).and_then(trigger);
-            if before.as_deref() == Some(value.as_str()) {
-                return None;
-            }
-            let ts: jiff::Timestamp = value.parse().ok()?;
-            Some(SystemTime::from(ts))
+    }
+    let value = trigger(new)?;
+    if old.and_then(trigger) == Some(value) {
+        return None;
+    }
+    let ts: jiff::Timestamp = value.parse().ok()?;
+    Some(SystemTime::from(ts))
+}
+
+/// [`trigger_time`] of each EndpointSlice in `keys` (the ones that changed) between `old`
+/// and `new`.
+pub fn change_trigger_times<'a>(
+    old: &Objects,
+    new: &Objects,
+    keys: impl IntoIterator<Item = &'a Key>,
+) -> Vec<SystemTime> {
+    keys.into_iter()
+        .filter_map(|key| {
+            let slice = new.endpoint_slices.get(key)?;
+            trigger_time(old.endpoint_slices.get(key).map(|s| &**s), slice)
         })
         .collect()
 }
@@ -432,6 +442,12 @@ impl Telemetry {
         (healthy, s.last_updated)
     }
 
+    /// Whether the agent is healthy now, by the `/livez` rule (the node aside), without
+    /// counting an answer: kube-proxy's `serviceProxyHealthy` on health-check node ports.
+    pub fn healthy(&self) -> bool {
+        self.health(SystemTime::now()).0
+    }
+
     /// The `/healthz` answer, counted in `kubeproxy_proxy_healthz_total`.
     pub fn healthz(&self, node_eligible: bool) -> HealthReport {
         let now = SystemTime::now();
@@ -628,7 +644,6 @@ mod tests {
 
     #[test]
     fn trigger_times_of_changed_slices_only() {
-        use k8s_openapi::api::discovery::v1::EndpointSlice;
         let slice = |t: Option<&str>| {
             let mut s = EndpointSlice::default();
             if let Some(t) = t {
@@ -640,18 +655,19 @@ mod tests {
         let key = |n: &str| ("default".to_owned(), n.to_owned());
         let mut old = Objects::default();
         old.endpoint_slices
-            .insert(key("same"), slice(Some("2026-01-01T00:00:00Z")));
+            .insert(key("same"), slice(Some("2026-01-01T00:00:00Z")).into());
         old.endpoint_slices
-            .insert(key("moved"), slice(Some("2026-01-01T00:00:00Z")));
+            .insert(key("moved"), slice(Some("2026-01-01T00:00:00Z")).into());
         let mut new = old.clone();
         new.endpoint_slices
-            .insert(key("moved"), slice(Some("2026-01-01T00:00:05Z")));
+            .insert(key("moved"), slice(Some("2026-01-01T00:00:05Z")).into());
         new.endpoint_slices
-            .insert(key("added"), slice(Some("2026-01-01T00:00:07Z")));
-        new.endpoint_slices.insert(key("bare"), slice(None));
+            .insert(key("added"), slice(Some("2026-01-01T00:00:07Z")).into());
+        new.endpoint_slices.insert(key("bare"), slice(None).into());
         new.endpoint_slices
-            .insert(key("junk"), slice(Some("yesterday")));
-        let mut got = change_trigger_times(&old, &new);
+            .insert(key("junk"), slice(Some("yesterday")).into());
+        // Every key, changed or not: unchanged trigger times are not counted again.
+        let mut got = change_trigger_times(&old, &new, new.endpoint_slices.keys());
         got.sort();
         let base = SystemTime::from("2026-01-01T00:00:00Z".parse::<jiff::Timestamp>().unwrap());
         assert_eq!(

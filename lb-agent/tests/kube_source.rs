@@ -326,23 +326,23 @@ async fn relist_after_compaction_drops_objects_deleted_meanwhile() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn server_errors_are_retried() {
+/// Failing requests (`fail`: the next `n` answered with an error) on the initial lists and
+/// on the re-watch after a dropped stream: the state is kept, and the change made meanwhile
+/// arrives once the server answers again.
+async fn requests_are_retried(what: &str, fail: impl Fn(&FakeApiServer, u32)) {
     let fake = FakeApiServer::start().await.unwrap();
     fake.upsert(service("web", "10.96.0.10", 80)).unwrap();
-    // Both reflectors see failures on their initial lists.
-    fake.fail_next(3);
+    fail(&fake, 3);
     let mut h = Harness::start(fake).await;
-    h.wait_for("web despite failures", |o| has(o, &["web"], &[]))
+    h.wait_for(&format!("web despite {what}"), |o| has(o, &["web"], &[]))
         .await;
-
-    // Failures on the re-watch after a dropped stream: the stores keep their state, and
-    // the change made meanwhile arrives once the server answers again.
-    h.fake.fail_next(3);
+    fail(&h.fake, 3);
     h.fake.disconnect_watches();
     h.fake.upsert(slice("web-a", "web", &["10.0.0.1"])).unwrap();
     let o = h
-        .wait_for("web-a after recovery", |o| has(o, &["web"], &["web-a"]))
+        .wait_for(&format!("web-a after {what}"), |o| {
+            has(o, &["web"], &["web-a"])
+        })
         .await;
     assert_eq!(backends(&o, 80), ["10.0.0.1:8080"]);
     assert!(
@@ -351,8 +351,19 @@ async fn server_errors_are_retried() {
             .unwrap()
             .iter()
             .all(|o| !o.services.is_empty()),
-        "a snapshot lost web while failing"
+        "a snapshot lost web during {what}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_errors_are_retried() {
+    requests_are_retried("server errors (500)", |f, n| f.fail_next(n)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn throttled_requests_are_retried() {
+    // 429 with Retry-After.
+    requests_are_retried("throttling (429)", |f, n| f.throttle_next(n)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -372,32 +383,6 @@ async fn dropped_watch_resumes_without_relisting() {
         lists_before,
         "the watcher relisted instead of resuming: {:#?}",
         h.fake.requests()
-    );
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn throttled_requests_are_retried() {
-    let fake = FakeApiServer::start().await.unwrap();
-    fake.upsert(service("web", "10.96.0.10", 80)).unwrap();
-    // 429 with Retry-After on the initial lists, then on the re-watch after a drop.
-    fake.throttle_next(3);
-    let mut h = Harness::start(fake).await;
-    h.wait_for("web despite throttling", |o| has(o, &["web"], &[]))
-        .await;
-    h.fake.throttle_next(3);
-    h.fake.disconnect_watches();
-    h.fake.upsert(slice("web-a", "web", &["10.0.0.1"])).unwrap();
-    let o = h
-        .wait_for("web-a after throttling", |o| has(o, &["web"], &["web-a"]))
-        .await;
-    assert_eq!(backends(&o, 80), ["10.0.0.1:8080"]);
-    assert!(
-        h.seen
-            .lock()
-            .unwrap()
-            .iter()
-            .all(|o| !o.services.is_empty()),
-        "a snapshot lost web while throttled"
     );
 }
 

@@ -858,3 +858,188 @@ fn flows_to_backends_on_other_nodes_are_marked_for_source_nat() {
     }
     assert!(chosen.iter().all(|n| *n > 20), "skewed: {chosen:?}");
 }
+
+/// A pod that is the only backend of the frontend it reaches: every flow it opens there is
+/// a hairpin.
+const POD_IP: Ipv4Addr = Ipv4Addr::new(10, 2, 0, 13);
+const HAIRPIN_IP: Ipv4Addr = Ipv4Addr::new(
+    lb_common::HAIRPIN_ADDR[0],
+    lb_common::HAIRPIN_ADDR[1],
+    lb_common::HAIRPIN_ADDR[2],
+    lb_common::HAIRPIN_ADDR[3],
+);
+
+/// Asserts a hairpin packet is sent back out of the device it came in on, to the host it
+/// came from (the crafted frames come from `CLIENT_MAC` to `NODE_MAC`).
+fn assert_sent_back(verdict: u32, out: &[u8]) {
+    assert_eq!(
+        verdict, REDIRECT,
+        "a hairpin packet goes back out of its ingress device"
+    );
+    assert_eq!(&out[0..6], &CLIENT_MAC, "to the pod's MAC");
+    assert_eq!(&out[6..12], &NODE_MAC, "from the node's");
+}
+
+/// Runs a hairpin flow of `proto_nr` from the pod to `frontend` through the programs: the
+/// pod's packet, a second one of the same flow, and the pod's reply to the hairpin address.
+fn hairpin_round_trip(fx: &Fixture, proto_nr: u8, frontend: (Ipv4Addr, u16)) {
+    let first_flags = if proto_nr == proto::TCP { 0x02 } else { 0 };
+    let later_flags = if proto_nr == proto::TCP { 0x10 } else { 0 };
+    for flags in [first_flags, later_flags] {
+        let f = frame(proto_nr, (POD_IP, CLIENT_PORT), frontend, flags);
+        let (verdict, out) = fx.run(INGRESS_PROG, &f);
+        assert_sent_back(verdict, &out);
+        let seen = check(&out, proto_nr);
+        assert_eq!(
+            seen.src,
+            (HAIRPIN_IP, CLIENT_PORT),
+            "source is the hairpin address"
+        );
+        assert_eq!(seen.dst, (POD_IP, BACKEND_PORT));
+        assert_eq!(out.len(), f.len(), "length unchanged");
+        // On its way out, the egress program leaves it alone.
+        let (verdict, again) = fx.run(EGRESS_PROG, &out);
+        assert_eq!((verdict, &again), (PASS, &out));
+    }
+    // The pod answers the hairpin address, through its default route, to the node.
+    let reply_flags = if proto_nr == proto::TCP { 0x12 } else { 0 };
+    let reply = frame(
+        proto_nr,
+        (POD_IP, BACKEND_PORT),
+        (HAIRPIN_IP, CLIENT_PORT),
+        reply_flags,
+    );
+    let (verdict, out) = fx.run(INGRESS_PROG, &reply);
+    assert_sent_back(verdict, &out);
+    let seen = check(&out, proto_nr);
+    assert_eq!(
+        seen.src, frontend,
+        "the reply comes from the frontend asked"
+    );
+    assert_eq!(
+        seen.dst,
+        (POD_IP, CLIENT_PORT),
+        "back to the pod's client socket"
+    );
+    assert_eq!(out.len(), reply.len(), "length unchanged");
+    let (verdict, again) = fx.run(EGRESS_PROG, &out);
+    assert_eq!((verdict, &again), (PASS, &out));
+}
+
+#[test]
+fn pod_balanced_onto_itself_gets_the_hairpin_source_and_its_reply_restored() {
+    for proto_nr in [proto::TCP, proto::UDP] {
+        let mut fx = Fixture::new();
+        fx.frontend(proto_nr, &[(7, POD_IP, BACKEND_ACTIVE)], 0);
+        hairpin_round_trip(&fx, proto_nr, (FRONTEND_IP, FRONTEND_PORT));
+        assert_eq!(fx.counter("new_flow"), 1);
+        assert_eq!(fx.counter("established"), 1);
+        assert_eq!(fx.counter("reply"), 1);
+
+        // Another client of the same backend is no hairpin: only its destination changes,
+        // and its packet is routed as usual.
+        let f = frame(
+            proto_nr,
+            (CLIENT_IP, CLIENT_PORT),
+            (FRONTEND_IP, FRONTEND_PORT),
+            0x02 * u8::from(proto_nr == proto::TCP),
+        );
+        let (verdict, out) = fx.run(INGRESS_PROG, &f);
+        assert_eq!(verdict, OK);
+        let seen = check(&out, proto_nr);
+        assert_eq!(seen.src, (CLIENT_IP, CLIENT_PORT));
+        assert_eq!(seen.dst, (POD_IP, BACKEND_PORT));
+        let reply = frame(
+            proto_nr,
+            (POD_IP, BACKEND_PORT),
+            (CLIENT_IP, CLIENT_PORT),
+            0x12 * u8::from(proto_nr == proto::TCP),
+        );
+        let (verdict, out) = fx.run(EGRESS_PROG, &reply);
+        assert_eq!(verdict, OK);
+        assert_eq!(check(&out, proto_nr).src, (FRONTEND_IP, FRONTEND_PORT));
+    }
+}
+
+#[test]
+fn hairpin_through_a_nodeport() {
+    let mut fx = Fixture::new();
+    fx.north_south(&[NorthSouth::new(
+        FrontendKind::NodePort,
+        NODE_IP,
+        NODE_PORT,
+        &[POD_IP],
+    )]);
+    hairpin_round_trip(&fx, proto::TCP, (NODE_IP, NODE_PORT));
+}
+
+#[test]
+fn hairpin_udp_without_checksum_keeps_zero_checksum() {
+    let mut fx = Fixture::new();
+    fx.frontend(proto::UDP, &[(7, POD_IP, BACKEND_ACTIVE)], 0);
+    let mut dgram = frame(
+        proto::UDP,
+        (POD_IP, CLIENT_PORT),
+        (FRONTEND_IP, FRONTEND_PORT),
+        0,
+    );
+    dgram[40..42].copy_from_slice(&[0, 0]);
+    let (verdict, out) = fx.run(INGRESS_PROG, &dgram);
+    assert_sent_back(verdict, &out);
+    assert_eq!(&out[40..42], &[0, 0], "a zero UDP checksum must stay zero");
+    assert_eq!(fold(sum(0, &out[14..34])), 0, "IPv4 header checksum");
+    assert_eq!(&out[26..30], &HAIRPIN_IP.octets());
+    assert_eq!(&out[30..34], &POD_IP.octets());
+}
+
+#[test]
+fn packets_to_the_hairpin_address_without_a_flow_pass_untouched() {
+    let mut fx = Fixture::new();
+    fx.frontend(proto::TCP, &[(7, POD_IP, BACKEND_ACTIVE)], 0);
+    // No hairpin flow from this port: nothing to restore.
+    let stray = frame(
+        proto::TCP,
+        (POD_IP, BACKEND_PORT),
+        (HAIRPIN_IP, CLIENT_PORT),
+        0x12,
+    );
+    let (verdict, out) = fx.run(INGRESS_PROG, &stray);
+    assert_eq!(verdict, PASS);
+    assert_eq!(out, stray);
+    // A tracked flow that is no hairpin is not restored there either.
+    let syn = frame(
+        proto::TCP,
+        (CLIENT_IP, CLIENT_PORT),
+        (FRONTEND_IP, FRONTEND_PORT),
+        0x02,
+    );
+    assert_eq!(fx.run(INGRESS_PROG, &syn).0, OK);
+    let (verdict, out) = fx.run(INGRESS_PROG, &stray);
+    assert_eq!(verdict, PASS);
+    assert_eq!(out, stray);
+}
+
+#[test]
+fn client_on_another_node_reaching_itself_is_left_to_source_nat() {
+    // Through a NodePort, a pod of another node may be balanced onto itself: its packets
+    // reach this node over the network, so they go back through the node's masquerade,
+    // not through the hairpin path.
+    let mut fx = Fixture::new();
+    let mut np = NorthSouth::new(FrontendKind::NodePort, NODE_IP, NODE_PORT, &[BACKEND2_IP]);
+    np.snat = vec![BackendAddr {
+        addr: BACKEND2_IP,
+        port: BACKEND_PORT,
+    }];
+    fx.north_south(&[np]);
+    let syn = frame(
+        proto::TCP,
+        (BACKEND2_IP, CLIENT_PORT),
+        (NODE_IP, NODE_PORT),
+        0x02,
+    );
+    let (verdict, out, mark) = fx.run_mark(INGRESS_PROG, &syn);
+    assert_eq!((verdict, mark), (OK, lb_common::SNAT_MARK));
+    let seen = check(&out, proto::TCP);
+    assert_eq!(seen.src, (BACKEND2_IP, CLIENT_PORT));
+    assert_eq!(seen.dst, (BACKEND2_IP, BACKEND_PORT));
+}

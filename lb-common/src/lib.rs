@@ -256,6 +256,23 @@ pub struct CtValue {
     pub last_seen_ns: u64,
 }
 
+// Hairpin flows: a pod reaching a frontend and balanced onto itself.
+
+/// Source address of hairpin flows, `169.254.77.1`: link-local, never a pod's, a node's or
+/// a Service's. A pod balanced onto itself would otherwise get a packet from its own
+/// address, which its kernel drops as a martian, and would answer itself locally instead
+/// of through the node. The datapath gives such flows this source, so the pod sees it as
+/// its peer, and its replies leave through its default route back to the node, where the
+/// datapath restores the frontend and sends them back to the pod.
+pub const HAIRPIN_ADDR: [u8; 4] = [169, 254, 77, 1];
+/// [`HAIRPIN_ADDR`] in network byte order (the header bytes read as a `u32`).
+pub const HAIRPIN_ADDR_BE: u32 = u32::from_ne_bytes(HAIRPIN_ADDR);
+/// Both entries of a hairpin flow carry this flag: the forward entry also rewrites the
+/// source to [`HAIRPIN_ADDR`], and the reverse entry is keyed by the reply to that address
+/// (backend -> [`HAIRPIN_ADDR`], client port) and restores both ends. Its packets are
+/// sent straight back out of the device they came in on.
+pub const CT_F_HAIRPIN: u16 = 1 << 1;
+
 /// Key of the session affinity map.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
 #[repr(C)]
@@ -460,5 +477,98 @@ mod tests {
     fn marker_key_is_slot_zero_port_zero() {
         let k = ServiceKey::addr_marker(0x0a60_0001);
         assert_eq!((k.port_be, k.proto, k.slot), (0, 0, 0));
+    }
+}
+
+// Socket-level translation (cgroup sock_addr hooks) for processes on the node itself.
+
+/// Names, capacity and layout of the socket translation map.
+pub mod sock {
+    /// Socket translation: [`SockNatKey`](super::SockNatKey) ->
+    /// [`SockNatValue`](super::SockNatValue).
+    pub const MAP: &str = "LB4_SOCK_NAT";
+    /// Pinned like [`map_names::PINNED`](super::map_names::PINNED), so that sockets opened
+    /// before an agent restart keep their reverse translation.
+    pub const PINNED: [&str; 1] = [MAP];
+    /// Entries: a connected socket uses one, an unconnected UDP socket two per frontend
+    /// it sends to.
+    pub const CAPACITY: u32 = 131_072;
+}
+
+/// [`SockNatKey`] of the reverse entry: keyed by the backend a socket was sent to, it
+/// gives the frontend the application asked for (recvmsg, getpeername).
+pub const SOCK_DIR_REVERSE: u8 = 0;
+/// [`SockNatKey`] of the forward entry of an unconnected UDP socket: keyed by the
+/// frontend, it gives the backend its earlier datagrams went to, so that one socket's
+/// datagrams to one frontend stay on one backend, as a conntrack flow would.
+pub const SOCK_DIR_FORWARD: u8 = 1;
+
+/// Key of the socket translation map.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
+#[repr(C)]
+pub struct SockNatKey {
+    /// Socket cookie (`bpf_get_socket_cookie`): unique per socket for the life of the
+    /// system, never reused.
+    pub cookie: u64,
+    /// Reverse: backend address; forward: frontend address (network byte order).
+    pub addr_be: u32,
+    /// Reverse: backend port; forward: frontend port (network byte order).
+    pub port_be: u16,
+    /// IP protocol number.
+    pub proto: u8,
+    /// [`SOCK_DIR_REVERSE`] or [`SOCK_DIR_FORWARD`].
+    pub dir: u8,
+}
+
+/// Value of the socket translation map.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct SockNatValue {
+    /// Reverse: frontend address; forward: backend address (network byte order).
+    pub addr_be: u32,
+    /// Reverse: frontend port; forward: backend port (network byte order).
+    pub port_be: u16,
+    /// Explicit padding, always zero.
+    pub _pad: [u8; 2],
+    /// The backend chosen.
+    pub backend_id: u32,
+    /// The frontend asked for.
+    pub service_id: u32,
+    /// `bpf_ktime_get_ns()` of the last use (forward entries expire like UDP flows).
+    pub last_seen_ns: u64,
+}
+
+const _: () = assert!(size_of::<SockNatKey>() == 16);
+const _: () = assert!(size_of::<SockNatValue>() == 24);
+
+#[cfg(feature = "user")]
+mod sock_pod {
+    use super::*;
+    // SAFETY: repr(C), Copy, no padding bytes (size assertions above), any bit pattern
+    // is valid.
+    unsafe impl aya::Pod for SockNatKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for SockNatValue {}
+}
+
+#[cfg(test)]
+mod sock_tests {
+    use core::mem::offset_of;
+
+    use super::*;
+
+    #[test]
+    fn sock_nat_layout() {
+        assert_eq!(offset_of!(SockNatKey, cookie), 0);
+        assert_eq!(offset_of!(SockNatKey, addr_be), 8);
+        assert_eq!(offset_of!(SockNatKey, port_be), 12);
+        assert_eq!(offset_of!(SockNatKey, proto), 14);
+        assert_eq!(offset_of!(SockNatKey, dir), 15);
+        assert_eq!(offset_of!(SockNatValue, addr_be), 0);
+        assert_eq!(offset_of!(SockNatValue, port_be), 4);
+        assert_eq!(offset_of!(SockNatValue, _pad), 6);
+        assert_eq!(offset_of!(SockNatValue, backend_id), 8);
+        assert_eq!(offset_of!(SockNatValue, service_id), 12);
+        assert_eq!(offset_of!(SockNatValue, last_seen_ns), 16);
     }
 }

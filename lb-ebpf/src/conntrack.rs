@@ -7,8 +7,9 @@
 //! too, so a flow whose traffic goes one way only (a UDP stream, a download) keeps both.
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use lb_common::{
-    Backend, CT_DIR_FORWARD, CT_DIR_REVERSE, CT_F_CLOSING, CT_REFRESH_NS, CT_TIMEOUT_CLOSING_NS,
-    CT_TIMEOUT_TCP_NS, CT_TIMEOUT_UDP_NS, CtKey, CtValue, proto,
+    Backend, CT_DIR_FORWARD, CT_DIR_REVERSE, CT_F_CLOSING, CT_F_HAIRPIN, CT_REFRESH_NS,
+    CT_TIMEOUT_CLOSING_NS, CT_TIMEOUT_TCP_NS, CT_TIMEOUT_UDP_NS, CtKey, CtValue, HAIRPIN_ADDR_BE,
+    proto,
 };
 
 use crate::{
@@ -47,12 +48,17 @@ pub fn reverse_key(pkt: &Packet) -> CtKey {
 }
 
 /// Reverse key of the flow whose forward entry is (`fwd`, `ct`): the reply comes from the
-/// backend and goes to the client.
+/// backend and goes to the client, or to the hairpin address when the backend is the client.
 #[inline(always)]
 fn reverse_of(fwd: &CtKey, ct: &CtValue) -> CtKey {
+    let dst_addr_be = if ct.flags & CT_F_HAIRPIN != 0 {
+        HAIRPIN_ADDR_BE
+    } else {
+        fwd.src_addr_be
+    };
     CtKey {
         src_addr_be: ct.nat_addr_be,
-        dst_addr_be: fwd.src_addr_be,
+        dst_addr_be,
         src_port_be: ct.nat_port_be,
         dst_port_be: fwd.src_port_be,
         proto: fwd.proto,
@@ -61,11 +67,17 @@ fn reverse_of(fwd: &CtKey, ct: &CtValue) -> CtKey {
     }
 }
 
-/// Forward key of the flow whose reverse entry is (`rev`, `ct`).
+/// Forward key of the flow whose reverse entry is (`rev`, `ct`). A hairpin's client is its
+/// backend, the reply's source.
 #[inline(always)]
 fn forward_of(rev: &CtKey, ct: &CtValue) -> CtKey {
+    let src_addr_be = if ct.flags & CT_F_HAIRPIN != 0 {
+        rev.src_addr_be
+    } else {
+        rev.dst_addr_be
+    };
     CtKey {
-        src_addr_be: rev.dst_addr_be,
+        src_addr_be,
         dst_addr_be: ct.nat_addr_be,
         src_port_be: rev.dst_port_be,
         dst_port_be: ct.nat_port_be,
@@ -120,7 +132,7 @@ pub fn backend_matches(ct: &CtValue, backend: Option<&Backend>) -> bool {
 pub fn refresh(key: &CtKey, ct: &CtValue, pkt: &Packet, now: u64) {
     let closing = pkt.tcp_flags & (TCP_FIN | TCP_RST) != 0;
     let stale = now.wrapping_sub(ct.last_seen_ns) > CT_REFRESH_NS;
-    if !stale && !(closing && ct.flags & CT_F_CLOSING == 0) {
+    if !(stale || (closing && ct.flags & CT_F_CLOSING == 0)) {
         return;
     }
     let flags = if closing {
@@ -134,7 +146,7 @@ pub fn refresh(key: &CtKey, ct: &CtValue, pkt: &Packet, now: u64) {
         ..*ct
     };
     // Best effort: a failed refresh only shortens the entry's life.
-    let _ = CT.insert(key, &updated, 0);
+    let _ = CT.insert(key, updated, 0);
     let (twin_key, twin) = if key.dir == CT_DIR_FORWARD {
         // The reply restores the frontend this packet was addressed to.
         (
@@ -156,7 +168,7 @@ pub fn refresh(key: &CtKey, ct: &CtValue, pkt: &Packet, now: u64) {
             },
         )
     };
-    let _ = CT.insert(&twin_key, &twin, 0);
+    let _ = CT.insert(twin_key, twin, 0);
 }
 
 /// Builds the reverse value of a forward entry: replies get the frontend back as source.
@@ -173,6 +185,6 @@ pub fn reverse_value(pkt: &Packet, fwd: &CtValue) -> CtValue {
 #[inline(always)]
 pub fn create(fwd_key: &CtKey, fwd: &CtValue, pkt: &Packet) -> Result<(), i32> {
     let rev_key = reverse_of(fwd_key, fwd);
-    CT.insert(&rev_key, &reverse_value(pkt, fwd), 0)?;
+    CT.insert(rev_key, reverse_value(pkt, fwd), 0)?;
     CT.insert(fwd_key, fwd, 0)
 }

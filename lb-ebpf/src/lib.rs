@@ -11,6 +11,10 @@
 //! source ranges, and to a `Local` traffic policy frontend with no endpoint on this node,
 //! are dropped.
 //!
+//! A client balanced onto itself (a hairpin) also gets the source `lb_common::HAIRPIN_ADDR`;
+//! its packets, and its replies to that address (recognised at ingress), are translated
+//! both ways and sent straight back to the pod ([`nat::send_back`]).
+//!
 //! `lb_tc_egress` (traffic leaving a device) looks replies up in [`conntrack`] and restores
 //! the frontend as their source. Doing the reverse translation at egress, after the node's
 //! netfilter has seen the packet, means netfilter sees one consistent client <-> backend
@@ -25,6 +29,7 @@ pub mod nat;
 pub mod parse;
 pub mod reject;
 pub mod service;
+pub mod sock;
 
 /// TC verdicts (`linux/pkt_cls.h`).
 pub mod verdict {

@@ -4,7 +4,10 @@
 #![no_main]
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
-use lb_common::{BACKEND_F_SNAT, DIR_EGRESS, DIR_INGRESS, SNAT_MARK, SVC_F_DROP_EMPTY, reason};
+use lb_common::{
+    BACKEND_F_SNAT, CT_F_HAIRPIN, CtValue, DIR_EGRESS, DIR_INGRESS, HAIRPIN_ADDR_BE, SNAT_MARK,
+    SVC_F_DROP_EMPTY, reason,
+};
 use lb_ebpf::{
     conntrack::{self, backend_matches},
     metrics::count,
@@ -34,7 +37,8 @@ impl Decision {
     }
 }
 
-/// Traffic entering a device: translate packets addressed to a frontend.
+/// Traffic entering a device: translate packets addressed to a frontend, and the replies of
+/// hairpin flows.
 #[classifier]
 pub fn lb_tc_ingress(ctx: TcContext) -> i32 {
     let d = ingress(&ctx);
@@ -64,6 +68,9 @@ fn ingress(ctx: &TcContext) -> Decision {
         Ok(p) => p,
         Err(d) => return d,
     };
+    if pkt.daddr == HAIRPIN_ADDR_BE {
+        return hairpin_reply(ctx, &pkt);
+    }
     let Some(svc) = service::lookup_frontend(&pkt) else {
         if service::is_service_addr(&pkt) {
             if pkt.fragment {
@@ -84,13 +91,7 @@ fn ingress(ctx: &TcContext) -> Decision {
         let b = service::backend(ct.backend_id);
         if backend_matches(&ct, b.as_ref()) {
             conntrack::refresh(&key, &ct, &pkt, now);
-            return translate(
-                ctx,
-                &pkt,
-                ct.nat_addr_be,
-                ct.nat_port_be,
-                reason::ESTABLISHED,
-            );
+            return translate(ctx, &pkt, &ct, reason::ESTABLISHED);
         }
         // The flow's backend is gone: move the flow to a live one (for UDP this is what
         // keeps a long-running client working; for TCP the new backend resets it at once
@@ -114,10 +115,13 @@ fn ingress(ctx: &TcContext) -> Decision {
     if sel.sticky && why == reason::NEW_FLOW {
         why = reason::AFFINITY_HIT;
     }
-    let fwd = lb_common::CtValue {
+    // The client is its own backend. A backend marked for source NAT is on another node:
+    // its client came from there too, and the node's masquerade handles it.
+    let hairpin = sel.backend.addr_be == pkt.saddr && sel.backend.flags & BACKEND_F_SNAT == 0;
+    let fwd = CtValue {
         nat_addr_be: sel.backend.addr_be,
         nat_port_be: sel.backend.port_be,
-        flags: 0,
+        flags: if hairpin { CT_F_HAIRPIN } else { 0 },
         backend_id: sel.id,
         service_id: svc.service_id,
         last_seen_ns: now,
@@ -133,15 +137,59 @@ fn ingress(ctx: &TcContext) -> Decision {
         let mark = unsafe { (*ctx.skb.skb).mark };
         ctx.set_mark(mark | SNAT_MARK);
     }
-    translate(ctx, &pkt, fwd.nat_addr_be, fwd.nat_port_be, why)
+    translate(ctx, &pkt, &fwd, why)
 }
 
+/// DNAT of a client's packet to the backend of its flow `ct`.
 #[inline(always)]
-fn translate(ctx: &TcContext, pkt: &Packet, addr: u32, port: u16, why: u32) -> Decision {
-    match nat::rewrite(ctx, pkt, End::Destination, addr, port) {
-        Ok(()) => Decision {
+fn translate(ctx: &TcContext, pkt: &Packet, ct: &CtValue, why: u32) -> Decision {
+    if nat::rewrite(ctx, pkt, End::Destination, ct.nat_addr_be, ct.nat_port_be).is_err() {
+        return Decision::drop(reason::REWRITE_FAILED);
+    }
+    if ct.flags & CT_F_HAIRPIN == 0 {
+        return Decision {
             reason: why,
             verdict: verdict::OK,
+        };
+    }
+    // A hairpin: the pod gets its own packet back, from the hairpin address so that its
+    // kernel accepts it and its reply comes back here. The node's routing and netfilter
+    // are bypassed both ways, so that netfilter never sees half a flow.
+    match nat::rewrite(ctx, pkt, End::Source, HAIRPIN_ADDR_BE, pkt.sport)
+        .and_then(|()| nat::send_back(ctx))
+    {
+        Ok(v) => Decision {
+            reason: why,
+            verdict: v,
+        },
+        Err(_) => Decision::drop(reason::REWRITE_FAILED),
+    }
+}
+
+/// A packet from a pod to the hairpin address: the reply of a hairpin flow (backend ->
+/// hairpin address) as it leaves the pod. It goes back to the pod it came from, from the
+/// frontend the pod asked for.
+#[inline(always)]
+fn hairpin_reply(ctx: &TcContext, pkt: &Packet) -> Decision {
+    if pkt.fragment {
+        return Decision::pass(reason::UNSUPPORTED);
+    }
+    let now = conntrack::now();
+    let key = conntrack::reverse_key(pkt);
+    let Some(ct) = conntrack::lookup(&key, now) else {
+        return Decision::pass(reason::NOT_SERVICE);
+    };
+    if ct.flags & CT_F_HAIRPIN == 0 {
+        return Decision::pass(reason::NOT_SERVICE);
+    }
+    conntrack::refresh(&key, &ct, pkt, now);
+    match nat::rewrite(ctx, pkt, End::Source, ct.nat_addr_be, ct.nat_port_be)
+        .and_then(|()| nat::rewrite(ctx, pkt, End::Destination, pkt.saddr, pkt.dport))
+        .and_then(|()| nat::send_back(ctx))
+    {
+        Ok(v) => Decision {
+            reason: reason::REPLY,
+            verdict: v,
         },
         Err(_) => Decision::drop(reason::REWRITE_FAILED),
     }
@@ -186,4 +234,31 @@ fn egress(ctx: &TcContext) -> Decision {
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {
     loop {}
+}
+
+// Socket-level translation for the node's own processes: cgroup sock_addr hooks, attached
+// to the cgroup given with `lb-agent --cgroup-path` (see `lb_ebpf::sock`).
+
+/// `connect(2)` to a frontend: connect to a backend instead.
+#[aya_ebpf::macros::cgroup_sock_addr(connect4)]
+pub fn lb_sock_connect4(ctx: aya_ebpf::programs::SockAddrContext) -> i32 {
+    lb_ebpf::sock::connect4(&ctx)
+}
+
+/// A datagram of an unconnected UDP socket to a frontend: send it to a backend.
+#[aya_ebpf::macros::cgroup_sock_addr(sendmsg4)]
+pub fn lb_sock_sendmsg4(ctx: aya_ebpf::programs::SockAddrContext) -> i32 {
+    lb_ebpf::sock::sendmsg4(&ctx)
+}
+
+/// A UDP reply from a backend: show the frontend as its source.
+#[aya_ebpf::macros::cgroup_sock_addr(recvmsg4)]
+pub fn lb_sock_recvmsg4(ctx: aya_ebpf::programs::SockAddrContext) -> i32 {
+    lb_ebpf::sock::recvmsg4(&ctx)
+}
+
+/// `getpeername(2)` of a translated socket: show the frontend.
+#[aya_ebpf::macros::cgroup_sock_addr(getpeername4)]
+pub fn lb_sock_getpeername4(ctx: aya_ebpf::programs::SockAddrContext) -> i32 {
+    lb_ebpf::sock::getpeername4(&ctx)
 }

@@ -1,9 +1,10 @@
-//! Address and port rewrites with incremental checksum updates.
+//! Address and port rewrites with incremental checksum updates, and sending a rewritten
+//! packet back out of the device it came in on.
 use core::mem::offset_of;
 
-use aya_ebpf::programs::TcContext;
+use aya_ebpf::{helpers::bpf_redirect, programs::TcContext};
 use lb_common::proto;
-use network_types::{ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
+use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
 
 use crate::parse::{L3_OFF, Packet};
 
@@ -81,4 +82,21 @@ pub fn rewrite(
             .map_err(|_| RewriteError)?;
     }
     Ok(())
+}
+
+/// Swaps the Ethernet addresses of the packet and redirects it out of the device it came in
+/// on, to the host it came from (TC ingress only). Returns the TC verdict.
+#[inline(always)]
+pub fn send_back(ctx: &TcContext) -> Result<i32, RewriteError> {
+    let eth: EthHdr = ctx.load(0).map_err(|_| RewriteError)?;
+    let swapped = EthHdr {
+        dst_addr: eth.src_addr,
+        src_addr: eth.dst_addr,
+        ether_type: eth.ether_type,
+    };
+    ctx.store(0, &swapped, 0).map_err(|_| RewriteError)?;
+    // SAFETY: reading the context's ifindex field (the ingress device).
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    // SAFETY: plain helper call; flags 0 = egress of `ifindex`.
+    Ok(unsafe { bpf_redirect(ifindex, 0) } as i32)
 }

@@ -6,16 +6,12 @@
 //! 8 bytes of its L4 header (what ICMP quotes), a new IPv4 and ICMP header are written in
 //! front of that, the Ethernet addresses are swapped, and the result is sent back out of
 //! the device it came in on.
-use aya_ebpf::{
-    bindings::__sk_buff,
-    helpers::{bpf_redirect, bpf_skb_change_tail},
-    programs::TcContext,
-};
+use aya_ebpf::{bindings::__sk_buff, helpers::bpf_skb_change_tail, programs::TcContext};
 use lb_common::proto;
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
 use crate::{
-    csum,
+    csum, nat,
     parse::{L3_OFF, Packet},
 };
 
@@ -47,7 +43,6 @@ pub fn port_unreachable(ctx: &TcContext, pkt: &Packet) -> Result<i32, RejectErro
     if pkt.ip_len != Ipv4Hdr::LEN {
         return Err(RejectError);
     }
-    let eth: EthHdr = ctx.load(0).map_err(|_| RejectError)?;
     let quoted_ip: [u8; Ipv4Hdr::LEN] = ctx.load(L3_OFF).map_err(|_| RejectError)?;
     let quoted_l4: [u8; QUOTE_L4] = ctx.load(pkt.l4_off()).map_err(|_| RejectError)?;
     let skb: *mut __sk_buff = ctx.skb.skb;
@@ -100,15 +95,6 @@ pub fn port_unreachable(ctx: &TcContext, pkt: &Packet) -> Result<i32, RejectErro
     reply.icmp[2] = icmp_csum[0];
     reply.icmp[3] = icmp_csum[1];
 
-    let swapped = EthHdr {
-        dst_addr: eth.src_addr,
-        src_addr: eth.dst_addr,
-        ether_type: eth.ether_type,
-    };
-    ctx.store(0, &swapped, 0).map_err(|_| RejectError)?;
     ctx.store(L3_OFF, &reply, 0).map_err(|_| RejectError)?;
-    // SAFETY: reading the context's ifindex field.
-    let ifindex = unsafe { (*skb).ifindex };
-    // SAFETY: plain helper call; flags 0 = egress of `ifindex`.
-    Ok(unsafe { bpf_redirect(ifindex, 0) } as i32)
+    nat::send_back(ctx).map_err(|_| RejectError)
 }

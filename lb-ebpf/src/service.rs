@@ -15,14 +15,14 @@ use crate::{
 pub fn lookup_frontend(pkt: &Packet) -> Option<ServiceValue> {
     let key = ServiceKey::new(pkt.daddr, pkt.dport, pkt.proto, 0);
     // SAFETY: copied out at once.
-    unsafe { SERVICES.get(&key).copied() }
+    unsafe { SERVICES.get(key).copied() }
 }
 
 /// Whether the packet's destination address is a Service address (any port).
 #[inline(always)]
 pub fn is_service_addr(pkt: &Packet) -> bool {
     // SAFETY: only presence is checked.
-    unsafe { SERVICES.get(&ServiceKey::addr_marker(pkt.daddr)).is_some() }
+    unsafe { SERVICES.get(ServiceKey::addr_marker(pkt.daddr)).is_some() }
 }
 
 /// Whether a new flow of `pkt` may use frontend `svc`: always, unless the frontend lists
@@ -47,7 +47,7 @@ pub fn source_allowed(pkt: &Packet, svc: &ServiceValue) -> bool {
 #[inline(always)]
 pub fn backend(id: u32) -> Option<Backend> {
     // SAFETY: copied out at once.
-    unsafe { BACKENDS.get(&id).copied() }
+    unsafe { BACKENDS.get(id).copied() }
 }
 
 /// A chosen backend and how it was chosen.
@@ -81,7 +81,7 @@ pub fn select(pkt: &Packet, svc: &ServiceValue, now: u64) -> Option<Selection> {
             last_used_ns: now,
         };
         // Best effort: without the entry the next connection is balanced randomly.
-        let _ = AFFINITY.insert(&akey, &value, 0);
+        let _ = AFFINITY.insert(akey, value, 0);
     }
     Some(sel)
 }
@@ -117,14 +117,14 @@ fn random_slot(pkt: &Packet, svc: &ServiceValue) -> Option<Selection> {
     let slot = (1 + r % count) as u16;
     let mut key = ServiceKey::new(pkt.daddr, pkt.dport, pkt.proto, slot);
     // SAFETY: copied out at once.
-    let id = match unsafe { SERVICES.get(&key) } {
+    let id = match unsafe { SERVICES.get(key) } {
         Some(v) => v.backend_id,
         None => {
             // The agent is shrinking this Service right now and removed the slot after
             // we read the count: slot 1 always exists while count > 0.
             key.slot = 1;
             // SAFETY: as above.
-            unsafe { SERVICES.get(&key) }?.backend_id
+            unsafe { SERVICES.get(key) }?.backend_id
         }
     };
     let b = backend(id)?;

@@ -66,13 +66,28 @@ impl Agent {
     /// [`Agent::start`], with the agent run under `wrapper` (a command and its arguments
     /// that execs the rest, such as `setpriv --bounding-set=...`).
     pub fn start_under(node: &NetNs, manifests: &[(&str, &str)], wrapper: &[&str]) -> Self {
+        Self::start_full(node, manifests, wrapper, &[])
+    }
+
+    /// [`Agent::start`] with more command-line flags (`args`), given after the ones every
+    /// test agent gets (which therefore cannot be repeated).
+    pub fn start_with_args(node: &NetNs, manifests: &[(&str, &str)], args: &[&str]) -> Self {
+        Self::start_full(node, manifests, &[], args)
+    }
+
+    fn start_full(
+        node: &NetNs,
+        manifests: &[(&str, &str)],
+        wrapper: &[&str],
+        args: &[&str],
+    ) -> Self {
         let dir = manifests_dir(node.name());
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).expect("manifests dir");
         let mut agent = Self {
             child: None,
             source_args: vec!["--manifests".into(), dir.display().to_string()],
-            extra_args: Vec::new(),
+            extra_args: args.iter().map(|a| (*a).to_owned()).collect(),
             wrapper: wrapper.iter().map(|a| (*a).to_owned()).collect(),
             netns_path: node.path(),
             root: pin_root(node.name()),

@@ -1,14 +1,15 @@
-//! A two-node test network: an external client and two node namespaces on one shared
+//! A two-node test network: two external clients and two node namespaces on one shared
 //! bridge (the LAN), each node routing to pod namespaces of its own. Drawn in
 //! tests/README.md.
 //!
 //! ```text
 //!  client ns          switch ns (bridge br0)          node ns i (i = 1, 2)       pod ns i.k
 //!  eth0 10.210.B.2 ---- sw-c  sw-n1  sw-n2 ---- veth-up 10.210.B.(10+i)      eth0 10.(210+i).C.2
-//!                                                     veth-pK 10.(210+i).C.1 ----
+//!  eth0 10.210.B.3 ---- sw-c2                        veth-pK 10.(210+i).C.1 ----
+//!  (other client ns)
 //! ```
 //!
-//! The client reaches the nodes' LAN addresses directly (NodePorts) and sends `10.96.0.0/12`
+//! The clients reach the nodes' LAN addresses directly (NodePorts) and send `10.96.0.0/12`
 //! (ClusterIPs, externalIPs, LoadBalancer IPs in the tests) to node 1. Each node routes the
 //! other node's pod subnets through it, so pods reach each other; the nodes have no route
 //! for Service addresses.
@@ -61,6 +62,8 @@ impl ClusterNode {
 pub struct Cluster {
     /// The external client, `10.210.B.2`.
     pub client: Member,
+    /// A second external client, `10.210.B.3`, with the same routes.
+    pub other_client: Member,
     /// The two nodes.
     pub nodes: Vec<ClusterNode>,
     /// The switch. Declared last so it is deleted last.
@@ -68,7 +71,7 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    /// Two nodes with `pods_per_node` pods each (at most 7), and one external client.
+    /// Two nodes with `pods_per_node` pods each (at most 7), and two external clients.
     pub fn new(pods_per_node: usize) -> Self {
         assert!((1..=7).contains(&pods_per_node), "1 to 7 pods per node");
         let n = next_id();
@@ -79,15 +82,16 @@ impl Cluster {
         switch.ip(&["link", "set", "br0", "up"]);
         let lan = |host: u8| Ipv4Addr::new(10, 210, block, host);
 
-        let client_ns = NetNs::new(&format!("{prefix}-c"));
-        plug(&switch, "sw-c", &client_ns, "eth0");
-        client_ns.ip(&["addr", "add", &format!("{}/24", lan(2)), "dev", "eth0"]);
-        client_ns.ip(&["link", "set", "eth0", "up"]);
-        client_ns.ip(&["route", "add", "10.96.0.0/12", "via", &lan(11).to_string()]);
-        let client = Member {
-            ns: client_ns,
-            ip: lan(2),
+        let client_at = |name: &str, port: &str, host: u8| {
+            let ns = NetNs::new(&format!("{prefix}-{name}"));
+            plug(&switch, port, &ns, "eth0");
+            ns.ip(&["addr", "add", &format!("{}/24", lan(host)), "dev", "eth0"]);
+            ns.ip(&["link", "set", "eth0", "up"]);
+            ns.ip(&["route", "add", "10.96.0.0/12", "via", &lan(11).to_string()]);
+            Member { ns, ip: lan(host) }
         };
+        let client = client_at("c", "sw-c", 2);
+        let other_client = client_at("c2", "sw-c2", 3);
 
         let mut nodes = Vec::new();
         for i in 1..=2u8 {
@@ -145,6 +149,7 @@ impl Cluster {
         }
         Self {
             client,
+            other_client,
             nodes,
             _switch: switch,
         }

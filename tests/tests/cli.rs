@@ -34,6 +34,8 @@ fn help_documents_every_flag() {
         "--hostname-override",
         "--cleanup",
         "--detach-on-exit",
+        "--cgroup-path",
+        "--nodeport-localhost",
     ] {
         assert!(
             help.contains(flag),

@@ -546,3 +546,68 @@ fn devices_that_appear_later_are_attached() {
         assert_eq!(pod_of(client, CLUSTER_IP, 80), "pod-new");
     }
 }
+
+/// The address the datapath gives hairpin flows as their source.
+const HAIRPIN_IP: Ipv4Addr = Ipv4Addr::new(
+    lb_common::HAIRPIN_ADDR[0],
+    lb_common::HAIRPIN_ADDR[1],
+    lb_common::HAIRPIN_ADDR[2],
+    lb_common::HAIRPIN_ADDR[3],
+);
+
+/// Asserts `g` comes from `pod` and that it saw the hairpin address as its peer.
+fn assert_hairpin(g: &Greeting, pod: &str) {
+    assert_eq!(g.pod, pod, "answered by {}", g.pod);
+    assert!(
+        g.peer.starts_with(&format!("{HAIRPIN_IP}:")),
+        "{pod} saw {} as its peer, not the hairpin address {HAIRPIN_IP}",
+        g.peer
+    );
+}
+
+#[test]
+fn a_pod_balanced_onto_itself_through_its_service_is_answered() {
+    // pod-1 is the only endpoint of both Services: every flow it opens to them comes back
+    // to itself.
+    let Some(env) = env(1, |pods| {
+        let mut files = web(&pods[..1]);
+        files.extend(dns(&pods[..1]));
+        files
+    }) else {
+        return;
+    };
+    let pod = &env.topo.pods[0];
+    for _ in 0..5 {
+        let g = hello(pod, CLUSTER_IP, 80)
+            .unwrap_or_else(|e| panic!("TCP from pod-1 to its own Service: {e}"));
+        assert_hairpin(&g, "pod-1");
+        // A connected UDP socket accepts the answer only from the ClusterIP.
+        let g = udp_once(pod, DNS_IP, 53, TIMEOUT)
+            .unwrap_or_else(|e| panic!("UDP from pod-1 to its own Service: {e}"));
+        assert_hairpin(&g, "pod-1");
+    }
+    // Data both ways on an established hairpin connection.
+    let (mut conn, greeting) = pod
+        .ns
+        .run(move || tcp_connect(SocketAddr::from((CLUSTER_IP, 80)), TIMEOUT))
+        .expect("connect");
+    assert_hairpin(&greeting, "pod-1");
+    let mut reader = BufReader::new(conn.try_clone().expect("clone"));
+    for msg in ["one", "two", "three"] {
+        conn.write_all(format!("{msg}\n").as_bytes())
+            .unwrap_or_else(|e| panic!("send {msg}: {e}"));
+        let mut answer = String::new();
+        reader
+            .read_line(&mut answer)
+            .unwrap_or_else(|e| panic!("answer to {msg}: {e}"));
+        assert_eq!(answer, format!("pod-1: {msg}\n"));
+    }
+    // The other pods and the client are not hairpins: pod-1 sees their own addresses.
+    for other in [&env.topo.pods[1], &env.topo.clients[0]] {
+        let g = hello(other, CLUSTER_IP, 80).expect("connect");
+        assert_eq!(g.pod, "pod-1");
+        assert!(g.peer.starts_with(&format!("{}:", other.ip)), "{g:?}");
+        let g = udp_once(other, DNS_IP, 53, TIMEOUT).expect("udp answer");
+        assert!(g.peer.starts_with(&format!("{}:", other.ip)), "{g:?}");
+    }
+}

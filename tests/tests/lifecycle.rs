@@ -5,6 +5,7 @@
 //!
 //! Run as root: `cargo xtask test` (or `cargo test --release -p tests --test lifecycle`).
 use std::{
+    io::{BufRead as _, BufReader, Write as _},
     net::{Ipv4Addr, SocketAddr},
     process::Command,
     time::Duration,
@@ -12,7 +13,7 @@ use std::{
 
 use tests::{
     agent::{Agent, agent_binary},
-    clients::tcp_hello,
+    clients::{tcp_connect, tcp_hello},
     missing_kernel_feature,
     netns::run_in,
     require_root,
@@ -172,6 +173,58 @@ fn programs_outlive_the_agent_until_cleanup() {
         "{}",
         String::from_utf8_lossy(&again.stderr)
     );
+}
+
+/// The TC attachment of kernels before 6.6 (a `clsact` qdisc and one direct-action
+/// `cls_bpf` filter per direction, over netlink), forced on this kernel with the agent's
+/// hidden `--force-netlink-tc`: the filters carry the traffic, and a new agent replaces
+/// them in place under a held connection.
+#[test]
+fn netlink_tc_attachment_carries_a_connection_across_a_restart() {
+    let Some(mut env) = env(&["sh", "-c", "exec \"$@\" --force-netlink-tc", "sh"]) else {
+        return;
+    };
+    let dev = env.topo.clients[0].veth.node_name.clone();
+    let filters = |env: &Env| {
+        let out = run_in(
+            &env.topo.node,
+            &["tc", "filter", "show", "dev", &dev, "ingress"],
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let shown = filters(&env);
+    assert_eq!(
+        shown.matches("direct-action").count(),
+        1,
+        "one cls_bpf filter on {dev}:\n{shown}\n{}",
+        env.agent.log()
+    );
+    let (mut conn, greeting) = env.topo.clients[0]
+        .ns
+        .run(move || tcp_connect(SocketAddr::from((CLUSTER_IP, 80)), TIMEOUT))
+        .expect("connect through the ClusterIP");
+    let pod = greeting.pod;
+    let mut reader = BufReader::new(conn.try_clone().expect("clone"));
+    let mut exchange = |msg: &str| {
+        conn.write_all(format!("{msg}\n").as_bytes())
+            .unwrap_or_else(|e| panic!("send {msg}: {e}"));
+        let mut answer = String::new();
+        reader
+            .read_line(&mut answer)
+            .unwrap_or_else(|e| panic!("after {msg}: {e}"));
+        assert_eq!(answer, format!("{pod}: {msg}\n"));
+    };
+    exchange("before");
+    env.agent.kill9();
+    env.agent.restart();
+    exchange("after-restart");
+    let shown = filters(&env);
+    assert_eq!(
+        shown.matches("direct-action").count(),
+        1,
+        "the new agent replaced the filter in place:\n{shown}"
+    );
+    assert!(ask(&env).expect("connect").starts_with("pod-"));
 }
 
 #[test]

@@ -21,6 +21,7 @@ use std::{
     fmt::Write as _,
     net::Ipv4Addr,
     path::PathBuf,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -32,7 +33,7 @@ use lb_agent::{
     datapath::{self, Datapath, EGRESS_PROG, INGRESS_PROG, MapSizes},
     frames::frame,
     model::{self, NodeContext, Objects},
-    state::{ChangedKeys, DesiredCache},
+    state::{DesiredCache, Tracker, Update},
 };
 use lb_common::proto;
 use serde_json::json;
@@ -41,6 +42,7 @@ use crate::{
     bench_kp,
     bench_net::{self, NetPlan, Test, Variant},
     bench_plot,
+    bench_profile::{CaseProfile, Part, Profiler, ProgramSize, Samples, program_size},
 };
 
 /// Which measurements, at which sizes.
@@ -51,6 +53,8 @@ pub struct Plan {
     pub control_sizes: Vec<usize>,
     /// Single runs per datapath case.
     pub runs: usize,
+    /// The profile pass after each datapath case's timed runs.
+    pub profile: Duration,
     /// Endpoint changes timed per size.
     pub changes: usize,
     /// The datapath comparison over real connections.
@@ -68,6 +72,7 @@ impl Plan {
             datapath_sizes: vec![1, 1_000],
             control_sizes: vec![1_000],
             runs: 2_000,
+            profile: Duration::from_millis(250),
             changes: 20,
             net: NetPlan::quick(),
             kp_changes: 3,
@@ -90,6 +95,7 @@ impl Plan {
             datapath_sizes: vec![1, 10_000, 100_000],
             control_sizes: vec![1_000, 10_000, 30_000, 100_000],
             runs: 20_000,
+            profile: Duration::from_secs(2),
             changes: 50,
             net: NetPlan::full(),
             kp_changes: 5,
@@ -125,9 +131,10 @@ pub(crate) fn objects(n: usize) -> Result<Objects> {
             "spec": {"clusterIP": cluster_ip(i).to_string(),
                      "ports": [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080}]}
         }))?;
-        o.services.insert(("bench".into(), name.clone()), svc);
+        o.services
+            .insert(("bench".into(), name.clone()), svc.into());
         o.endpoint_slices
-            .insert(("bench".into(), format!("{name}-1")), slice(i, 0)?);
+            .insert(("bench".into(), format!("{name}-1")), slice(i, 0)?.into());
     }
     Ok(o)
 }
@@ -222,46 +229,97 @@ struct DatapathRow {
     case: &'static str,
     p50: f64,
     p99: f64,
+    profile: CaseProfile,
 }
 
-fn datapath_cost(plan: &Plan) -> Result<Vec<DatapathRow>> {
+/// The datapath-cost measurements: a row per size and case, the programs' sizes, and the
+/// profiler with what it could not measure.
+struct DatapathCost {
+    rows: Vec<DatapathRow>,
+    sizes: Vec<ProgramSize>,
+    profiler: Profiler,
+    /// The size at which `perf record` sampled each case.
+    sampled_at: Option<usize>,
+}
+
+/// New flows profiled per pass at most, so that the CT map (262,144 entries, two per
+/// flow, after the timed runs' flows) does not fill and start evicting mid-pass.
+const PROFILE_NEW_FLOWS: usize = 100_000;
+
+/// Source of new flow `k`: a fresh source port (and, past 60k, a fresh source address).
+fn new_flow_source(k: usize) -> (Ipv4Addr, u16) {
+    (
+        Ipv4Addr::from(u32::from(CLIENT) + (k / 60_000) as u32),
+        1024 + (k % 60_000) as u16,
+    )
+}
+
+fn datapath_cost(plan: &Plan) -> Result<DatapathCost> {
     let mut rows = Vec::new();
+    let mut sizes = Vec::new();
+    let mut profiler = Profiler::new(plan.profile);
+    // perf's samples are read per case at one size: the largest.
+    let sampled_at = plan.datapath_sizes.last().copied();
     for &n in &plan.datapath_sizes {
         println!("datapath-cost: {n} Services x {ENDPOINTS} endpoints");
         let mut l = Loaded::new(n)?;
+        if sizes.is_empty() {
+            sizes = vec![
+                program_size(&l.dp, INGRESS_PROG)?,
+                program_size(&l.dp, EGRESS_PROG)?,
+            ];
+        }
         let desired = model::desired_state(&objects(n)?, &NodeContext::default());
         Applier::new().sync(&desired, &mut l.maps)?;
         let vip = cluster_ip(n / 2);
         let runs = plan.runs;
-        // New flows: a fresh source port (and, past 60k, a fresh source address) each.
+        let sample = sampled_at == Some(n);
+        let new_flow_frame = |k: usize| frame(proto::TCP, new_flow_source(k), (vip, 80), 0x02);
         let mut new_flow = Vec::with_capacity(runs);
-        let mut flows = Vec::with_capacity(runs);
         for k in 0..runs {
-            let src = (
-                Ipv4Addr::from(u32::from(CLIENT) + (k / 60_000) as u32),
-                1024 + (k % 60_000) as u16,
-            );
-            let f = frame(proto::TCP, src, (vip, 80), 0x02);
-            new_flow.push(run_once(&l.dp, INGRESS_PROG, &f)?);
-            flows.push(src);
+            new_flow.push(run_once(&l.dp, INGRESS_PROG, &new_flow_frame(k))?);
         }
+        let (p50, p99) = summary(new_flow);
+        // The profile pass goes on with flows the timed runs have not used.
+        let profile = profiler.pass(&l.dp, INGRESS_PROG, sample, |k| {
+            if k >= PROFILE_NEW_FLOWS {
+                return Ok(false);
+            }
+            run_once(&l.dp, INGRESS_PROG, &new_flow_frame(runs + k))?;
+            Ok(true)
+        })?;
         rows.push(DatapathRow {
             services: n,
             case: "new flow (SYN, DNAT)",
-            p50: summary(new_flow.clone()).0,
-            p99: summary(new_flow).1,
-        });
-        let established_frame = frame(proto::TCP, flows[0], (vip, 80), 0x10);
-        let established: Vec<f64> = (0..runs)
-            .map(|_| run_once(&l.dp, INGRESS_PROG, &established_frame))
-            .collect::<Result<_>>()?;
-        let (p50, p99) = summary(established);
-        rows.push(DatapathRow {
-            services: n,
-            case: "established (DNAT)",
             p50,
             p99,
+            profile,
         });
+        // The same program on the same frame, `runs` times, then the profile pass.
+        let mut same_frame = |case: &'static str, prog: &str, data: &[u8]| -> Result<DatapathRow> {
+            let times: Vec<f64> = (0..runs)
+                .map(|_| run_once(&l.dp, prog, data))
+                .collect::<Result<_>>()?;
+            let (p50, p99) = summary(times);
+            let profile = profiler.pass(&l.dp, prog, sample, |_| {
+                run_once(&l.dp, prog, data)?;
+                Ok(true)
+            })?;
+            Ok(DatapathRow {
+                services: n,
+                case,
+                p50,
+                p99,
+                profile,
+            })
+        };
+        let client = new_flow_source(0);
+        let established_frame = frame(proto::TCP, client, (vip, 80), 0x10);
+        rows.push(same_frame(
+            "established (DNAT)",
+            INGRESS_PROG,
+            &established_frame,
+        )?);
         // The reply of flow 0 comes from whichever backend it got: find it by asking.
         let p = l.dp.program(INGRESS_PROG).context("program")?;
         let mut out = vec![0u8; 256];
@@ -271,35 +329,17 @@ fn datapath_cost(plan: &Plan) -> Result<Vec<DatapathRow>> {
             ..Default::default()
         })?;
         let backend = Ipv4Addr::new(out[30], out[31], out[32], out[33]);
-        let reply = frame(proto::TCP, (backend, 8080), flows[0], 0x10);
-        let replies: Vec<f64> = (0..runs)
-            .map(|_| run_once(&l.dp, EGRESS_PROG, &reply))
-            .collect::<Result<_>>()?;
-        let (p50, p99) = summary(replies);
-        rows.push(DatapathRow {
-            services: n,
-            case: "reply (reverse NAT)",
-            p50,
-            p99,
-        });
-        let other = frame(
-            proto::TCP,
-            flows[0],
-            (Ipv4Addr::new(10, 250, 0, 1), 80),
-            0x10,
-        );
-        let passes: Vec<f64> = (0..runs)
-            .map(|_| run_once(&l.dp, INGRESS_PROG, &other))
-            .collect::<Result<_>>()?;
-        let (p50, p99) = summary(passes);
-        rows.push(DatapathRow {
-            services: n,
-            case: "not a Service (pass)",
-            p50,
-            p99,
-        });
+        let reply = frame(proto::TCP, (backend, 8080), client, 0x10);
+        rows.push(same_frame("reply (reverse NAT)", EGRESS_PROG, &reply)?);
+        let other = frame(proto::TCP, client, (Ipv4Addr::new(10, 250, 0, 1), 80), 0x10);
+        rows.push(same_frame("not a Service (pass)", INGRESS_PROG, &other)?);
     }
-    Ok(rows)
+    Ok(DatapathCost {
+        rows,
+        sizes,
+        profiler,
+        sampled_at,
+    })
 }
 
 struct ControlRow {
@@ -308,82 +348,106 @@ struct ControlRow {
     cache_ms: f64,
     apply_ms: f64,
     writes: usize,
-    /// One change through the cache and `sync_frontends`: p50, p99.
+    /// One change from the source's update to the maps, as the agent does it: p50, p99.
     change_ms: (f64, f64),
-    /// Of which the snapshot diff (`ChangedKeys::between`): p50.
-    diff_p50_ms: f64,
     /// One change through `desired_state` and the full `sync`: p50, p99.
     full_change_ms: (f64, f64),
     change_writes: usize,
+    /// Resident memory with the agent's state (objects, cache, applier) after the
+    /// incremental changes, before any full recompute.
     rss_mib: f64,
+    /// Peak resident memory of the whole run (the full recomputes included).
+    peak_rss_mib: f64,
 }
 
-/// Peak resident memory of this process (`VmHWM`), in MiB.
-fn peak_rss_mib() -> f64 {
+/// A `/proc/self/status` memory figure (`VmRSS`, `VmHWM`), in MiB.
+fn status_mib(field: &str) -> f64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
         .map_or(f64::NAN, |kb| kb / 1024.0)
 }
+
+/// Full recomputes timed per size, for comparison with the incremental path.
+const FULL_RECOMPUTE_RUNS: usize = 20;
 
 fn control_plane(plan: &Plan) -> Result<Vec<ControlRow>> {
     let mut rows = Vec::new();
     for &n in &plan.control_sizes {
         println!("control-plane: {n} Services x {ENDPOINTS} endpoints");
         let mut l = Loaded::new(n)?;
-        let mut objs = objects(n)?;
+        // The objects as the API source hands them over: two whole lists.
+        let all = objects(n)?;
+        let mut tracker = Tracker::default();
+        tracker.apply(Update::Services(all.services));
+        tracker.apply(Update::EndpointSlices(all.endpoint_slices));
+        tracker.take_changes();
+        let rss_objects = status_mib("VmRSS");
         let started = Instant::now();
-        let desired = model::desired_state(&objs, &NodeContext::default());
-        let model_time = started.elapsed();
-        let started = Instant::now();
-        let (mut cache, _) = DesiredCache::build(&objs, NodeContext::default());
+        let (mut cache, _) = DesiredCache::build(tracker.objects(), NodeContext::default());
         let cache_time = started.elapsed();
+        let rss_cache = status_mib("VmRSS");
         let mut applier = Applier::new();
         let started = Instant::now();
-        let stats = applier.sync(&desired, &mut l.maps)?;
+        let stats = applier.sync_services(cache.services(), &mut l.maps)?;
         let apply_time = started.elapsed();
         anyhow::ensure!(
             stats.failed.is_empty(),
             "initial sync failed: {:?}",
             stats.failed.first()
         );
-        drop(desired);
-        // One endpoint of one Service moves to a new address: from the changed objects to
-        // the maps, as the agent does it. Changes alternate between the incremental path
-        // (snapshot diff, cache update, sync of the changed frontends) and the full one
-        // (recompute everything, diff every frontend) on the same applier and maps.
+        eprintln!(
+            "control-plane: {n} Services: RSS {rss_objects:.0} MiB with the objects, \
+             {rss_cache:.0} MiB with the cache, {:.0} MiB after the initial sync",
+            status_mib("VmRSS")
+        );
+        // One endpoint of one Service moves to a new address: from the source's update
+        // (one EndpointSlice, as a watch event brings it) to the maps, as the agent does
+        // it — the tracker notes the changed key, the cache recomputes that Service, and
+        // only its frontends are diffed and written.
         let mut incremental = Vec::with_capacity(plan.changes);
-        let mut diffs = Vec::with_capacity(plan.changes);
-        let mut full = Vec::with_capacity(plan.changes);
         let mut change_writes = 0;
-        for c in 0..plan.changes * 2 {
+        let change = |c: usize| -> Result<Update> {
             let i = (c * 7919) % n;
-            let before = objs.clone();
-            objs.endpoint_slices.insert(
-                ("bench".into(), format!("svc-{i}-1")),
-                slice(i, c as u32 % 3 + 1)?,
-            );
-            if c % 2 == 0 {
-                let started = Instant::now();
-                let changed = ChangedKeys::between(&before, &objs);
-                diffs.push(started.elapsed().as_secs_f64() * 1e3);
-                let delta = cache.update(&objs, &changed);
-                let stats =
-                    applier.sync_frontends(cache.services(), delta.frontends(), &mut l.maps)?;
-                incremental.push(started.elapsed().as_secs_f64() * 1e3);
-                anyhow::ensure!(stats.failed.is_empty(), "change failed: {:?}", stats.failed);
-                change_writes = stats.writes + stats.deletes;
-            } else {
-                let started = Instant::now();
-                let desired = model::desired_state(&objs, &NodeContext::default());
-                let stats = applier.sync(&desired, &mut l.maps)?;
-                full.push(started.elapsed().as_secs_f64() * 1e3);
-                anyhow::ensure!(stats.failed.is_empty(), "change failed: {:?}", stats.failed);
-                // Keep the cache current (untimed); the maps already are.
-                cache.update(&objs, &ChangedKeys::between(&before, &objs));
-            }
+            let key = ("bench".to_owned(), format!("svc-{i}-1"));
+            Ok(Update::EndpointSlice(
+                key,
+                Some(Arc::new(slice(i, c as u32 % 3 + 1)?)),
+            ))
+        };
+        for c in 0..plan.changes {
+            let update = change(c)?;
+            let started = Instant::now();
+            tracker.apply(update);
+            let (changed, _) = tracker.take_changes();
+            let delta = cache.update(tracker.objects(), &changed);
+            let stats = applier.sync_frontends(cache.services(), delta.frontends(), &mut l.maps)?;
+            incremental.push(started.elapsed().as_secs_f64() * 1e3);
+            anyhow::ensure!(stats.failed.is_empty(), "change failed: {:?}", stats.failed);
+            change_writes = stats.writes + stats.deletes;
+        }
+        let rss = status_mib("VmRSS");
+        // For comparison, what every change would cost without the cache: the desired
+        // state of every Service recomputed and every frontend diffed against the maps.
+        let started = Instant::now();
+        let desired = model::desired_state(tracker.objects(), &NodeContext::default());
+        let model_time = started.elapsed();
+        drop(desired);
+        // Each full recompute costs seconds at 100k Services: a few are enough.
+        let full_runs = plan.changes.min(FULL_RECOMPUTE_RUNS);
+        let mut full = Vec::with_capacity(full_runs);
+        for c in plan.changes..plan.changes + full_runs {
+            tracker.apply(change(c)?);
+            let (changed, _) = tracker.take_changes();
+            let started = Instant::now();
+            let desired = model::desired_state(tracker.objects(), &NodeContext::default());
+            let stats = applier.sync(&desired, &mut l.maps)?;
+            full.push(started.elapsed().as_secs_f64() * 1e3);
+            anyhow::ensure!(stats.failed.is_empty(), "change failed: {:?}", stats.failed);
+            // Keep the cache current (untimed); the maps already are.
+            cache.update(tracker.objects(), &changed);
         }
         rows.push(ControlRow {
             services: n,
@@ -392,10 +456,10 @@ fn control_plane(plan: &Plan) -> Result<Vec<ControlRow>> {
             apply_ms: ms(apply_time),
             writes: stats.writes,
             change_ms: summary(incremental),
-            diff_p50_ms: summary(diffs).0,
             full_change_ms: summary(full),
             change_writes,
-            rss_mib: peak_rss_mib(),
+            rss_mib: rss,
+            peak_rss_mib: status_mib("VmHWM"),
         });
     }
     Ok(rows)
@@ -408,6 +472,7 @@ pub fn control_one(services: usize, changes: usize) -> Result<()> {
         datapath_sizes: Vec::new(),
         control_sizes: vec![services],
         runs: 0,
+        profile: Duration::ZERO,
         changes,
         net: NetPlan::quick(),
         kp_changes: 0,
@@ -424,11 +489,11 @@ pub fn control_one(services: usize, changes: usize) -> Result<()> {
             r.writes,
             r.change_ms.0,
             r.change_ms.1,
-            r.diff_p50_ms,
             r.full_change_ms.0,
             r.full_change_ms.1,
             r.change_writes,
-            r.rss_mib
+            r.rss_mib,
+            r.peak_rss_mib
         ])
     );
     Ok(())
@@ -469,10 +534,10 @@ fn control_plane_isolated(plan: &Plan) -> Result<Vec<ControlRow>> {
             apply_ms: f(3),
             writes: f(4) as usize,
             change_ms: (f(5), f(6)),
-            diff_p50_ms: f(7),
-            full_change_ms: (f(8), f(9)),
-            change_writes: f(10) as usize,
-            rss_mib: f(11),
+            full_change_ms: (f(7), f(8)),
+            change_writes: f(9) as usize,
+            rss_mib: f(10),
+            peak_rss_mib: f(11),
         });
     }
     Ok(rows)
@@ -586,7 +651,8 @@ pub fn run(plan: &Plan, kinds: Kinds, out: &Outputs) -> Result<String> {
 }
 
 fn datapath_cost_section(plan: &Plan, md: &mut String) -> Result<()> {
-    let dp_rows = datapath_cost(plan)?;
+    let cost = datapath_cost(plan)?;
+    let dp_rows = &cost.rows;
     writeln!(
         md,
         "## Datapath cost per packet (BPF_PROG_TEST_RUN, {} runs per case)\n",
@@ -594,14 +660,40 @@ fn datapath_cost_section(plan: &Plan, md: &mut String) -> Result<()> {
     )?;
     writeln!(
         md,
-        "| Services | case | p50 ns | p99 ns |\n|---:|---|---:|---:|"
+        "p50 and p99: the run time `BPF_PROG_TEST_RUN` reports for single runs. Then, per case, a profile pass of {:.2} s or more over the same runs (new flows: fresh ones, at most {PROFILE_NEW_FLOWS}): \
+         the kernel's own run statistics (`BPF_ENABLE_STATS`: run count and run time of the program alone), and instructions and cycles per run from \
+         `bpftool prog profile id ID duration S cycles instructions` divided by the runs it counted.\n",
+        plan.profile.as_secs_f64()
     )?;
-    for r in &dp_rows {
+    writeln!(
+        md,
+        "| Services | case | p50 ns | p99 ns | profiled runs | mean ns per run (kernel stats) | instructions per run | cycles per run |\n\
+         |---:|---|---:|---:|---:|---:|---:|---:|"
+    )?;
+    let opt = |v: Option<f64>| v.map_or_else(|| "–".to_owned(), |v| format!("{v:.0}"));
+    for r in dp_rows {
         writeln!(
             md,
-            "| {} | {} | {:.0} | {:.0} |",
-            r.services, r.case, r.p50, r.p99
+            "| {} | {} | {:.0} | {:.0} | {} | {} | {} | {} |",
+            r.services,
+            r.case,
+            r.p50,
+            r.p99,
+            r.profile.runs,
+            opt(r.profile.stats_ns),
+            opt(r.profile.instructions),
+            opt(r.profile.cycles)
         )?;
+    }
+    let p = &cost.profiler;
+    if let Some(why) = &p.no_counters {
+        writeln!(
+            md,
+            "\nInstructions and cycles: not measured on this machine. {why}."
+        )?;
+        if let Some(pmu) = &p.no_pmu {
+            writeln!(md, "Besides, {pmu}.")?;
+        }
     }
     // Flatness: the established-flow cost at the largest size over the smallest.
     let by_case: BTreeMap<(&str, usize), f64> = dp_rows
@@ -620,7 +712,159 @@ fn datapath_cost_section(plan: &Plan, md: &mut String) -> Result<()> {
             }
         }
     }
+    writeln!(
+        md,
+        "\nThe programs as the kernel holds them (the same at every size): instructions after the verifier's rewrites, \
+         JITed machine code, and instructions the verifier processed over all paths.\n"
+    )?;
+    writeln!(
+        md,
+        "| program | cases | xlated instructions | JITed bytes | verifier-processed instructions |\n|---|---|---:|---:|---:|"
+    )?;
+    for s in &cost.sizes {
+        let cases = if s.name == EGRESS_PROG {
+            "reply"
+        } else {
+            "new flow, established, not a Service"
+        };
+        let o = |v: Option<u32>| v.map_or_else(|| "–".to_owned(), |v| v.to_string());
+        writeln!(
+            md,
+            "| {} | {cases} | {} | {} | {} |",
+            s.name,
+            o(s.xlated_insns),
+            s.jited_bytes,
+            o(s.verified_insns)
+        )?;
+    }
+    if let Some(n) = cost.sampled_at {
+        let sampled: Vec<(&str, &Samples)> = dp_rows
+            .iter()
+            .filter(|r| r.services == n)
+            .filter_map(|r| Some((r.case, r.profile.samples.as_ref()?)))
+            .collect();
+        if !sampled.is_empty() {
+            writeln!(
+                md,
+                "\nWhere a whole test run's time goes at {n} Services: `perf record -e cpu-clock` on the benchmark during each profile pass, \
+                 shares of the samples by what the symbol belongs to (JITed program: the program's own code; map code: `htab_*`, `*lru*` and the like; \
+                 other helpers: checksum, store, time and random-number helpers; test run + syscall: the rest of the kernel, \
+                 i.e. `BPF_PROG_TEST_RUN`'s skb and socket setup, copies and the syscall), and the hottest symbols.\n"
+            )?;
+            let parts: Vec<&str> = Part::ALL.iter().map(|p| p.name()).collect();
+            writeln!(
+                md,
+                "| case | {} | hottest symbols |\n|---|{}---|",
+                parts.join(" % | ") + " %",
+                "---:|".repeat(parts.len())
+            )?;
+            for (case, s) in sampled {
+                let shares: Vec<String> = s.parts.iter().map(|v| format!("{v:.0}")).collect();
+                let hot: Vec<String> = s
+                    .hot
+                    .iter()
+                    .map(|(sym, share)| format!("`{sym}` {share:.0}%"))
+                    .collect();
+                writeln!(
+                    md,
+                    "| {case} | {} | {} |",
+                    shares.join(" | "),
+                    hot.join(", ")
+                )?;
+            }
+        }
+    }
+    if let Some(why) = &p.no_samples {
+        writeln!(md, "\n`perf record` gave no samples: {why}.")?;
+    }
+    datapath_cost_reading(dp_rows, md)?;
     writeln!(md)?;
+    Ok(())
+}
+
+/// What each case does in lb-ebpf, and which costs most at the largest size.
+fn datapath_cost_reading(rows: &[DatapathRow], md: &mut String) -> Result<()> {
+    writeln!(
+        md,
+        "\nWhat each case runs (lb-ebpf/src/main.rs): all four parse Ethernet, IPv4 and TCP and count the decision in a per-CPU array. \
+         *not a Service*: two `LB4_SERVICES` hash lookups that miss (the frontend, then the address marker that tells a Service IP on a closed port from other traffic). \
+         *established*: the frontend lookup, `bpf_ktime_get_ns`, an `LB4_CT` LRU-hash lookup and an `LB4_BACKENDS` lookup to check the flow's backend, \
+         then DNAT: three checksum helpers (`l4_csum_replace` for address and port, `l3_csum_replace`) and two `bpf_skb_store_bytes`; \
+         the CT entries are rewritten at most once a second. \
+         *reply* (egress program): an `LB4_CT` lookup under the reverse key and the same rewrite of the source, no Service or backend lookup. \
+         *new flow*: the established path's lookups with a CT miss, then `bpf_get_prandom_u32`, a slot lookup in `LB4_SERVICES`, the backend lookup \
+         and two `LB4_CT` inserts (forward and reverse entry: LRU-hash updates, which take an entry from the LRU free lists and lock a bucket), \
+         then the same DNAT."
+    )?;
+    let Some(last) = rows.iter().map(|r| r.services).max() else {
+        return Ok(());
+    };
+    let at: Vec<&DatapathRow> = rows.iter().filter(|r| r.services == last).collect();
+    // Rank by instructions when the hardware counted them, else by the kernel's run time.
+    let counted = at.iter().all(|r| r.profile.instructions.is_some());
+    let (metric, unit) = if counted {
+        ("instructions", "instructions")
+    } else {
+        ("the kernel's mean run time", "ns")
+    };
+    let value = |r: &DatapathRow| {
+        if counted {
+            r.profile.instructions
+        } else {
+            r.profile.stats_ns
+        }
+    };
+    let mut ranked: Vec<(&str, f64)> = at
+        .iter()
+        .filter_map(|r| Some((r.case, value(r)?)))
+        .collect();
+    ranked.sort_by(|a, b| b.1.total_cmp(&a.1));
+    if let (Some(top), Some(base)) = (ranked.first(), ranked.last())
+        && base.1 > 0.0
+    {
+        let list: Vec<String> = ranked
+            .iter()
+            .map(|(case, v)| format!("{case} {v:.0} {unit} ({:.1}x)", v / base.1))
+            .collect();
+        writeln!(
+            md,
+            "\nAt {last} Services, by {metric} per run: {} — relative to {}. {} costs most.",
+            list.join(", "),
+            base.0,
+            top.0
+        )?;
+    }
+    // What the samples say, where perf took them.
+    let sampled: Vec<(&str, &Samples)> = at
+        .iter()
+        .filter_map(|r| Some((r.case, r.profile.samples.as_ref()?)))
+        .collect();
+    let share = |s: &Samples, part: Part| {
+        Part::ALL
+            .iter()
+            .position(|&p| p == part)
+            .map_or(0.0, |i| s.parts[i])
+    };
+    let datapath =
+        |s: &Samples| share(s, Part::Program) + share(s, Part::Maps) + share(s, Part::Helpers);
+    let lo = sampled
+        .iter()
+        .map(|(_, s)| datapath(s))
+        .fold(f64::INFINITY, f64::min);
+    let hi = sampled.iter().map(|(_, s)| datapath(s)).fold(0.0, f64::max);
+    if let Some((case, s)) = sampled
+        .iter()
+        .max_by(|a, b| share(a.1, Part::Maps).total_cmp(&share(b.1, Part::Maps)))
+    {
+        writeln!(
+            md,
+            "\nIn perf's samples of whole test runs, the program with its map code and helpers takes {lo:.0}–{hi:.0}%; \
+             the rest is `BPF_PROG_TEST_RUN`'s own work and the benchmark, which the p50/p99 and the kernel statistics leave out. \
+             Map code weighs most in {case} ({:.0}% of its samples, {:.1}x the JITed program's own share).",
+            share(s, Part::Maps),
+            share(s, Part::Maps) / share(s, Part::Program).max(f64::EPSILON)
+        )?;
+    }
     Ok(())
 }
 
@@ -764,7 +1008,7 @@ fn control_section(plan: &Plan, out: &Outputs, md: &mut String) -> Result<()> {
     )?;
     writeln!(
         md,
-        "| Services | desired state ms | cache build ms | initial sync to maps ms | map writes | one change p50 ms | one change p99 ms | of which snapshot diff p50 ms | full recompute p50 ms | full recompute p99 ms | writes per change | peak RSS MiB |"
+        "| Services | cache build ms | initial sync to maps ms | map writes | one change p50 ms | one change p99 ms | writes per change | agent RSS MiB | desired state (all) ms | full recompute p50 ms | full recompute p99 ms | peak RSS MiB |"
     )?;
     writeln!(
         md,
@@ -773,24 +1017,24 @@ fn control_section(plan: &Plan, out: &Outputs, md: &mut String) -> Result<()> {
     for r in &cp_rows {
         writeln!(
             md,
-            "| {} | {:.1} | {:.1} | {:.1} | {} | {:.3} | {:.3} | {:.3} | {:.2} | {:.2} | {} | {:.0} |",
+            "| {} | {:.1} | {:.1} | {} | {:.3} | {:.3} | {} | {:.0} | {:.1} | {:.2} | {:.2} | {:.0} |",
             r.services,
-            r.model_ms,
             r.cache_ms,
             r.apply_ms,
             r.writes,
             r.change_ms.0,
             r.change_ms.1,
-            r.diff_p50_ms,
+            r.change_writes,
+            r.rss_mib,
+            r.model_ms,
             r.full_change_ms.0,
             r.full_change_ms.1,
-            r.change_writes,
-            r.rss_mib
+            r.peak_rss_mib
         )?;
     }
     writeln!(
         md,
-        "\nA change is timed from the changed objects to the maps. \"One change\": the two snapshots are diffed per key, only the Services the changed keys affect are recomputed (`state::DesiredCache`), and only the frontends whose entry changed are diffed and written (`Applier::sync_frontends`). \"Full recompute\": the desired state is recomputed for all Services and every frontend diffed (`desired_state` + `Applier::sync`), for comparison.\n"
+        "\nThe agent's path, as with the API source: the two initial lists are handed over whole, the cache computes every Service (`state::DesiredCache::build`) and every frontend is written (`Applier::sync_services`). \"One change\" is timed from the watch event's object (one EndpointSlice in which one endpoint moved) to the maps: the tracker replaces the object and notes its key (`state::Tracker`), the cache recomputes that one Service, and only its frontends are diffed and written (`Applier::sync_frontends`); nothing in it walks the other Services. \"Agent RSS\" is the resident memory at that point, with every object, the cache, the applier's view of the maps and the BPF map handles. For comparison, \"full recompute\" is what each change would cost without the cache: the desired state of every Service recomputed (`desired_state`) and every frontend diffed against the maps (`Applier::sync`); the peak RSS includes those.\n"
     )?;
     let kp = bench_kp::run(&plan.control_sizes, plan.kp_changes, plan.kp_limit)?;
     writeln!(
@@ -800,8 +1044,8 @@ fn control_section(plan: &Plan, out: &Outputs, md: &mut String) -> Result<()> {
          iptables mode = `iptables-restore --noflush` (nf_tables and legacy backends) of the whole ruleset (full sync) and of KUBE-SERVICES plus the changed \
          Service's chains (partial sync, as kube-proxy does since 1.26); nftables mode = `nft -f` of the whole table and of \
          one transaction refilling the changed Service's chains. Only the tool's run is timed (kube-proxy's own computation \
-         is extra); lb's figures are from the object snapshots to the maps (full: desired state + initial sync; change: \
-         one change p50). Partial syncs: median of {} changes.\n",
+         is extra); lb's figures are from the objects to the maps (full: cache build + initial sync; change: \
+         one change p50, from the watch event's object). Partial syncs: median of {} changes.\n",
         plan.kp_changes
     )?;
     writeln!(
@@ -816,7 +1060,7 @@ fn control_section(plan: &Plan, out: &Outputs, md: &mut String) -> Result<()> {
     let mut change_series = [Vec::new(), Vec::new(), Vec::new(), Vec::new()];
     for (r, k) in cp_rows.iter().zip(&kp) {
         anyhow::ensure!(r.services == k.services, "control-plane rows out of step");
-        let lb_full = Some(r.model_ms + r.apply_ms);
+        let lb_full = Some(r.cache_ms + r.apply_ms);
         let lb_change = Some(r.change_ms.0);
         let x = r.services as f64;
         for (series, values) in [

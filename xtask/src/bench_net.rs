@@ -710,9 +710,10 @@ impl LbGuard {
             let loaded = (|| -> Result<Datapath> {
                 let mut objs = objects(n)?;
                 let (svc, slice) = target_objects(&pods)?;
-                objs.services.insert(("bench".into(), "target".into()), svc);
+                objs.services
+                    .insert(("bench".into(), "target".into()), svc.into());
                 objs.endpoint_slices
-                    .insert(("bench".into(), "target-1".into()), slice);
+                    .insert(("bench".into(), "target-1".into()), slice.into());
                 datapath::prepare(&root)?;
                 let mut dp = Datapath::load_sized(&root, None, &sizes_for(n + 1))?;
                 let mut maps = dp.service_maps()?;

@@ -4,6 +4,7 @@ mod bench;
 mod bench_kp;
 mod bench_net;
 mod bench_plot;
+mod bench_profile;
 mod bench_rules;
 mod demo;
 mod interrupt;
@@ -65,25 +66,39 @@ enum Task {
     },
     /// Boot a stock distribution kernel (default: Debian 12's 6.1 cloud kernel, fetched
     /// once into target/vm) in QEMU (KVM when it works, TCG otherwise) with an initramfs
-    /// holding the release lb-agent and the test helpers, run COMMAND in it (default: the
-    /// smoke test: one ClusterIP connection through the real agent, and an agent restart
-    /// under a held connection) and exit with its status. The smoke run on debian-6.1
-    /// writes results/kernels.md (needs root).
+    /// holding the release lb-agent, the test helpers and the netfilter tools, and run in it
+    /// the end-to-end test binaries (default), the smoke test (`--smoke`: one ClusterIP
+    /// connection through the real agent and an agent restart under a held connection),
+    /// the benchmark's quick datapath comparison (`--bench`) or COMMAND; exit with its
+    /// status. On debian-6.1 the first two also run on the host, and all three update
+    /// results/kernels.md (needs root).
     Vm {
         /// `debian-6.1`, or the path of a kernel image (modules are looked for in
         /// `../lib/modules/RELEASE` beside its `boot/` directory).
         #[arg(long, default_value = "debian-6.1")]
         kernel: String,
-        /// Run the quick datapath-cost benchmark in the guest (not wired yet).
-        #[arg(long)]
+        /// Run the smoke test (a few minutes; what `cargo xtask test` runs).
+        #[arg(long, conflicts_with_all = ["bench", "command"])]
+        smoke: bool,
+        /// Run the benchmark's quick datapath comparison in the guest (TCG: the figures
+        /// show that each variant runs and their ratios, not the hardware's speed).
+        #[arg(long, conflicts_with = "command")]
         bench: bool,
-        /// Seconds before the guest is killed.
-        #[arg(long, default_value_t = 300)]
-        timeout: u64,
+        /// Only this end-to-end test binary (repeatable; e.g. `--test clusterip`).
+        #[arg(long = "test", value_name = "BINARY", conflicts_with_all = ["smoke", "bench", "command"])]
+        tests: Vec<String>,
+        /// Seconds before the guest is killed (default: 300 for the smoke test and a
+        /// command, 1800 for the benchmark, 10800 for the end-to-end tests).
+        #[arg(long)]
+        timeout: Option<u64>,
         /// The command to run in the guest, after `--`.
         #[arg(last = true)]
         command: Vec<String>,
     },
+    /// The benchmark's quick datapath comparison, printed for the host to read (run by
+    /// `vm --bench` inside the guest).
+    #[command(hide = true)]
+    VmGuestBench,
     /// One control-plane size of the benchmark, in a process of its own (run by `bench`).
     #[command(hide = true)]
     BenchControlOne {
@@ -113,15 +128,26 @@ fn main() -> Result<()> {
         } => bench_task(kind, quick, medium),
         Task::Vm {
             kernel,
+            smoke,
             bench,
+            tests,
             timeout,
             command,
         } => vm::run(&vm::Options {
             kernel,
-            bench,
+            mode: if smoke {
+                vm::Mode::Smoke
+            } else if bench {
+                vm::Mode::Bench
+            } else if !command.is_empty() {
+                vm::Mode::Command(command)
+            } else {
+                vm::Mode::Suite
+            },
             timeout,
-            command,
+            tests,
         }),
+        Task::VmGuestBench => vm::guest_bench(),
         Task::BenchControlOne { services, changes } => bench::control_one(services, changes),
     }
 }
@@ -364,6 +390,7 @@ fn test(e2e_args: &[String]) -> Result<()> {
                     "vm",
                     "--kernel",
                     "debian-6.1",
+                    "--smoke",
                     "--timeout",
                     "240",
                 ],

@@ -1,15 +1,21 @@
 //! `cargo xtask vm`: boots a stock distribution kernel in QEMU with a small initramfs
-//! (busybox, iproute2's `ip`, the release `lb-agent`, `lbt-server`, `lbt-client` and the
-//! modules the datapath needs) and runs a command in it, by default the smoke test
-//! (`vm/smoke.sh`). The guest has no network device: everything happens in namespaces
-//! inside it, and its serial console is its only output.
+//! (busybox, iproute2's `ip`, the netfilter tools, the release `lb-agent`, `lbt-server`,
+//! `lbt-client`, the kernel's networking modules) and runs in it, by default, the
+//! end-to-end test binaries of the `tests` package; `--smoke` runs the smoke test
+//! (`vm/smoke.sh`, a stage of `cargo xtask test`), `--bench` the benchmark's quick datapath
+//! comparison, and `-- COMMAND` any command. The guest has no network device: everything
+//! happens in namespaces inside it, and its serial console is its only output.
 //!
 //! The guest's init prints `LBVM-EXIT <status>` when the command ends and powers off; the
 //! host reads the console, echoes it, and returns that status. The default kernel,
 //! Debian 12's `linux-image-cloud-amd64` (6.1), is fetched with `apt-get download` and
-//! unpacked with `dpkg-deb -x` into `target/vm/` (never installed), once.
+//! unpacked with `dpkg-deb -x` into `target/vm/` (never installed), once. On that kernel
+//! the smoke, suite and benchmark runs also run on the host (the benchmark excepted) and
+//! update results/kernels.md (`vm/report.rs`).
 mod initramfs;
 mod kernel;
+mod report;
+mod suite;
 
 use std::{
     fmt::Write as _,
@@ -22,7 +28,12 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::{exec, workspace};
+pub use self::suite::guest_bench;
+use self::{
+    report::{Column, Record},
+    suite::TestBinary,
+};
+use crate::{command, exec, interrupt, test_binaries, workspace};
 
 /// The smoke test, run in the guest (and on the host for the kernel table).
 const SMOKE: &str = include_str!("vm/smoke.sh");
@@ -53,17 +64,53 @@ ports: [{name: http, port: 8080, protocol: TCP}]
 const EXIT_MARKER: &str = "LBVM-EXIT ";
 /// How long a KVM guest may take to reach its init before KVM is declared unusable.
 const KVM_PROBE_TIMEOUT: Duration = Duration::from_secs(20);
+/// Guest memory, MiB: the initramfs (binaries, modules) lives in it.
+const GUEST_MEMORY: &str = "2048";
+/// Guest CPUs.
+const GUEST_CPUS: &str = "2";
+
+/// What runs in the guest.
+pub enum Mode {
+    /// The end-to-end test binaries (the default).
+    Suite,
+    /// The smoke test.
+    Smoke,
+    /// The benchmark's quick datapath comparison.
+    Bench,
+    /// A command of the caller's.
+    Command(Vec<String>),
+}
+
+impl Mode {
+    fn name(&self) -> &'static str {
+        match self {
+            Self::Suite => "end-to-end tests",
+            Self::Smoke => "smoke test",
+            Self::Bench => "benchmark (quick datapath)",
+            Self::Command(_) => "command",
+        }
+    }
+
+    /// Seconds before the guest is killed, unless `--timeout` says otherwise.
+    fn default_timeout(&self) -> u64 {
+        match self {
+            Self::Suite => 3 * 3600,
+            Self::Bench => 1800,
+            Self::Smoke | Self::Command(_) => 300,
+        }
+    }
+}
 
 /// What `cargo xtask vm` was asked.
 pub struct Options {
     /// `debian-6.1` or the path of a kernel image.
     pub kernel: String,
-    /// Run the quick datapath-cost benchmark instead of the smoke test.
-    pub bench: bool,
-    /// Seconds before the guest is killed.
-    pub timeout: u64,
-    /// The command to run in the guest (default: the smoke test).
-    pub command: Vec<String>,
+    /// What runs in the guest.
+    pub mode: Mode,
+    /// Seconds before the guest is killed (default: by mode).
+    pub timeout: Option<u64>,
+    /// Only the test binaries with these names (suite mode).
+    pub tests: Vec<String>,
 }
 
 /// How QEMU runs the guest.
@@ -96,22 +143,18 @@ pub struct Boot {
 
 /// `cargo xtask vm`.
 pub fn run(opts: &Options) -> Result<()> {
-    if opts.bench {
-        bail!(
-            "`cargo xtask vm --bench` is not wired yet: the benchmark writes its report into \
-             the workspace, which the guest does not have; run `cargo xtask bench --quick` on \
-             the host"
-        );
-    }
-    let outcome = smoke_or_command(opts)?;
+    let outcome = run_guest(opts)?;
     match outcome {
         Some(0) => Ok(()),
-        Some(code) => bail!("the command in the guest exited with status {code}"),
+        Some(code) => bail!(
+            "the {} in the guest exited with status {code}",
+            opts.mode.name()
+        ),
         None => bail!("the guest did not report an exit status (see its console above)"),
     }
 }
 
-fn smoke_or_command(opts: &Options) -> Result<Option<i32>> {
+fn run_guest(opts: &Options) -> Result<Option<i32>> {
     if !::tests::is_root() {
         bail!(
             "`cargo xtask vm` runs the guest's lb-agent as its root and reads /dev/kvm: run it as root"
@@ -124,6 +167,7 @@ fn smoke_or_command(opts: &Options) -> Result<Option<i32>> {
             );
         }
     }
+    interrupt::catch();
     if !exec(
         "cargo",
         &[
@@ -139,60 +183,250 @@ fn smoke_or_command(opts: &Options) -> Result<Option<i32>> {
     )? {
         bail!("building lb-agent, lbt-server and lbt-client failed");
     }
+    let release = workspace().join("target/release");
+    let mut binaries: Vec<PathBuf> = ["lb-agent", "lbt-server", "lbt-client"]
+        .iter()
+        .map(|b| release.join(b))
+        .collect();
+    let mut dirs = Vec::new();
+    let mut tests = Vec::new();
+    let mut xtask = PathBuf::new();
+    match &opts.mode {
+        Mode::Suite => {
+            tests = build_tests(&opts.tests)?;
+            binaries.extend(tests.iter().map(|t| t.path.clone()));
+            // The CLI tests read the demo's manifests, by a path through `tests/`.
+            dirs.push(workspace().join("examples/demo"));
+            dirs.push(workspace().join("tests"));
+        }
+        Mode::Bench => {
+            // This very program runs the benchmark in the guest (`vm-guest-bench`).
+            xtask = std::env::current_exe().context("finding the xtask binary")?;
+            binaries.push(xtask.clone());
+        }
+        Mode::Smoke | Mode::Command(_) => {}
+    }
+    interrupt::check("nothing was started")?;
     let kernel = kernel::obtain(&opts.kernel)?;
     println!(
-        "\nkernel {} ({}), modules: {}",
+        "\nkernel {} ({}), modules loaded at boot: {}; on demand: {}",
         kernel.release,
         kernel.image.display(),
         if kernel.modules.is_empty() {
-            "none needed".to_owned()
+            "none".to_owned()
         } else {
-            kernel
-                .modules
-                .iter()
-                .map(|m| m.file_name().unwrap_or_default().to_string_lossy())
-                .collect::<Vec<_>>()
-                .join(", ")
-        }
+            kernel.modules.join(", ")
+        },
+        kernel
+            .module_tree
+            .as_ref()
+            .map_or_else(|| "none".to_owned(), |t| t.display().to_string())
     );
-    let smoke = opts.command.is_empty();
-    let command = if smoke {
-        vec!["sh".to_owned(), "/lbvm/smoke.sh".to_owned()]
-    } else {
-        opts.command.clone()
+    let guest_tests: Vec<&TestBinary> = tests
+        .iter()
+        .filter(|t| suite::guest_skip(&t.name).is_none())
+        .collect();
+    let skips: Vec<(&str, &str)> = tests
+        .iter()
+        .filter_map(|t| suite::guest_skip(&t.name).map(|why| (t.name.as_str(), why)))
+        .collect();
+    let suite_script = suite::script(&guest_tests, &skips, &[], suite::GUEST_LIMIT);
+    let command = match &opts.mode {
+        Mode::Suite => vec!["sh".to_owned(), "/lbvm/suite.sh".to_owned()],
+        Mode::Smoke => vec!["sh".to_owned(), "/lbvm/smoke.sh".to_owned()],
+        Mode::Bench => vec!["sh".to_owned(), "/lbvm/bench.sh".to_owned()],
+        Mode::Command(c) => c.clone(),
     };
+    let bench_script = format!(
+        "#!/bin/sh\n\
+         # The benchmark's quick datapath comparison, after the feature probes.\n\
+         /lbvm/lb-agent --kernel-features --bpffs-root /sys/fs/bpf/lbvm-features \
+         --log-level warn 2>&1 | sed 's/^/LBVM-FEATURE /'\n\
+         exec {} vm-guest-bench\n",
+        xtask.display()
+    );
     let cache = workspace().join("target/vm");
     let initrd = initramfs::build(
         &cache,
         &kernel,
         &initramfs::Contents {
-            smoke: SMOKE,
+            scripts: &[
+                ("smoke.sh", SMOKE),
+                ("suite.sh", &suite_script),
+                ("bench.sh", &bench_script),
+            ],
             manifest: SMOKE_MANIFEST,
+            binaries: &binaries,
+            dirs: &dirs,
             command: &command,
         },
     )?;
-    let (accel, why) = choose_accel(&kernel, &initrd);
+    let initrd = Removed(initrd);
+    let (accel, why) = choose_accel(&kernel, &initrd.0);
     println!("\naccelerator: {accel} ({why})");
+    let timeout = opts.timeout.unwrap_or_else(|| opts.mode.default_timeout());
     let boot = boot(
         &kernel,
-        &initrd,
+        &initrd.0,
         accel,
         false,
-        Duration::from_secs(opts.timeout),
+        Duration::from_secs(timeout),
     )?;
+    drop(initrd);
     println!(
         "\nguest exit status: {}, {:.1} s from QEMU start to exit ({accel})",
         boot.status
             .map_or_else(|| "none".to_owned(), |s| s.to_string()),
         boot.took.as_secs_f64()
     );
-    if smoke && opts.kernel == kernel::DEBIAN_61 {
-        let report = kernel_table(&kernel.release, &boot, accel)?;
-        let path = workspace().join("results/kernels.md");
-        std::fs::write(&path, report).with_context(|| format!("writing {}", path.display()))?;
-        println!("written to {}", path.display());
+    interrupt::check("the guest was stopped")?;
+    if opts.kernel == kernel::DEBIAN_61 && !matches!(opts.mode, Mode::Command(_)) {
+        record(opts, &kernel.release, &boot, accel, &tests)?;
     }
     Ok(boot.status)
+}
+
+/// The integration-test binaries of the `tests` package, built with
+/// `--message-format=json` (their names carry a hash); only `names` when given.
+fn build_tests(names: &[String]) -> Result<Vec<TestBinary>> {
+    let out = command(
+        "cargo",
+        &[
+            "test",
+            "--release",
+            "-p",
+            "tests",
+            "--no-run",
+            "--message-format=json-render-diagnostics",
+        ],
+        &[],
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::inherit())
+    .output()
+    .context("cannot run cargo")?;
+    if !out.status.success() {
+        bail!("building the end-to-end tests failed");
+    }
+    // Targets other than integration tests come back named with their kind
+    // (`tests (lib)`): unit tests of pure code, not the kernel's business.
+    let all: Vec<TestBinary> = test_binaries(&out.stdout)
+        .into_iter()
+        .filter(|(name, _)| !name.contains(' '))
+        .map(|(name, path)| TestBinary {
+            name,
+            path: PathBuf::from(path),
+        })
+        .collect();
+    if let Some(unknown) = names.iter().find(|n| !all.iter().any(|t| &t.name == *n)) {
+        bail!(
+            "--test {unknown}: no such test binary (there are: {})",
+            all.iter()
+                .map(|t| t.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    Ok(all
+        .into_iter()
+        .filter(|t| names.is_empty() || names.contains(&t.name))
+        .collect())
+}
+
+/// A file removed when dropped (the initramfs image: tens of MiB, rebuilt every run).
+struct Removed(PathBuf);
+
+impl Drop for Removed {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Runs the same thing on the host (not the benchmark: results/bench.md has the host's)
+/// and writes results/kernels.md with this run's records in place of the last ones.
+fn record(
+    opts: &Options,
+    guest_release: &str,
+    guest: &Boot,
+    accel: Accel,
+    tests: &[TestBinary],
+) -> Result<()> {
+    let mode = match opts.mode {
+        // A run of a few binaries keeps the whole run's record beside its own.
+        Mode::Suite if !opts.tests.is_empty() => {
+            format!("end-to-end tests: {}", opts.tests.join(", "))
+        }
+        Mode::Suite => "end-to-end tests".to_owned(),
+        Mode::Smoke => "smoke test".to_owned(),
+        Mode::Bench => "benchmark".to_owned(),
+        Mode::Command(_) => return Ok(()),
+    };
+    let date = today();
+    let mut records = report::parse(&guest.console, Column::Guest);
+    records.push(run_record(
+        Column::Guest,
+        &mode,
+        &format!("QEMU {accel}, {GUEST_CPUS} vCPUs, {GUEST_MEMORY} MiB"),
+        guest_release,
+        guest.took,
+        &date,
+    ));
+    let host_release = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default();
+    let host = match opts.mode {
+        Mode::Smoke => Some(host_smoke()?),
+        Mode::Suite => Some(host_suite(tests)?),
+        Mode::Bench | Mode::Command(_) => None,
+    };
+    if let Some((output, took)) = host {
+        records.extend(report::parse(&output, Column::Host));
+        records.push(run_record(
+            Column::Host,
+            &mode,
+            "host (namespaces)",
+            &host_release,
+            took,
+            &date,
+        ));
+    }
+    let path = workspace().join("results/kernels.md");
+    let old = std::fs::read_to_string(&path).unwrap_or_default();
+    let merged = report::merge(report::load(&old), records);
+    std::fs::write(&path, report::render(&merged))
+        .with_context(|| format!("writing {}", path.display()))?;
+    println!("written to {}", path.display());
+    Ok(())
+}
+
+fn run_record(
+    column: Column,
+    mode: &str,
+    place: &str,
+    release: &str,
+    took: Duration,
+    date: &str,
+) -> Record {
+    Record {
+        column,
+        kind: "run".into(),
+        fields: vec![
+            mode.into(),
+            place.into(),
+            release.into(),
+            format!("{:.0} s", took.as_secs_f64()),
+            date.into(),
+        ],
+    }
+}
+
+/// `2026-11-23` (UTC).
+fn today() -> String {
+    Command::new("date")
+        .args(["-u", "+%Y-%m-%d"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
 }
 
 fn has_command(name: &str) -> bool {
@@ -264,9 +498,9 @@ fn boot(
         "-cpu",
         cpu,
         "-m",
-        "1024",
+        GUEST_MEMORY,
         "-smp",
-        "2",
+        GUEST_CPUS,
         "-nographic",
         "-no-reboot",
         "-nic",
@@ -330,7 +564,11 @@ fn boot(
             }
             break;
         }
-        match rx.recv_timeout(left) {
+        if interrupt::interrupted() {
+            println!("lbvm: interrupted; stopping the guest");
+            break;
+        }
+        match rx.recv_timeout(left.min(Duration::from_millis(250))) {
             Ok(line) => {
                 let line = printable(&line);
                 if !probe {
@@ -388,7 +626,7 @@ fn printable(line: &str) -> String {
 
 /// Runs the smoke test on the host (in namespaces of its own, pins under a bpffs
 /// directory of its own), for the host column of the kernel table.
-fn host_smoke() -> Result<String> {
+fn host_smoke() -> Result<(String, Duration)> {
     let scratch = tempdir("lbvm-host")?;
     let manifests = scratch.path().join("manifests");
     std::fs::create_dir_all(&manifests)?;
@@ -396,16 +634,52 @@ fn host_smoke() -> Result<String> {
     let script = scratch.path().join("smoke.sh");
     std::fs::write(&script, SMOKE)?;
     let prefix = format!("lbvm{}", std::process::id());
-    let out = Command::new("timeout")
-        .args(["120", "sh"])
+    println!("\nrunning the same smoke test on the host kernel for the table");
+    let mut cmd = Command::new("timeout");
+    cmd.args(["120", "sh"])
         .arg(&script)
         .env("LBVM_PREFIX", &prefix)
         .env("LBVM_BIN", workspace().join("target/release"))
         .env("LBVM_BPFFS", format!("/sys/fs/bpf/{prefix}"))
-        .env("LBVM_MANIFESTS", &manifests)
-        .output()
-        .context("running the smoke test on the host")?;
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        .env("LBVM_MANIFESTS", &manifests);
+    echoed(&mut cmd)
+}
+
+/// Runs the same test binaries on the host (the ones the guest skips included), for the
+/// host column of the kernel table.
+fn host_suite(tests: &[TestBinary]) -> Result<(String, Duration)> {
+    let scratch = tempdir("lbvm-host")?;
+    let script = scratch.path().join("suite.sh");
+    let all: Vec<&TestBinary> = tests.iter().collect();
+    std::fs::write(&script, suite::script(&all, &[], &[], suite::HOST_LIMIT))?;
+    println!("\nrunning the same test binaries on the host kernel for the table");
+    let mut cmd = Command::new("sh");
+    cmd.arg(&script)
+        .env("LBVM_BIN", workspace().join("target/release"))
+        .current_dir(workspace().join("tests"));
+    echoed(&mut cmd)
+}
+
+/// Runs `cmd` with its output echoed as it comes and collected; with the time it took.
+fn echoed(cmd: &mut Command) -> Result<(String, Duration)> {
+    let started = Instant::now();
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .with_context(|| format!("cannot run {cmd:?}"))?;
+    let mut output = String::new();
+    if let Some(out) = child.stdout.take() {
+        for line in BufReader::new(out).split(b'\n').map_while(Result::ok) {
+            let line = String::from_utf8_lossy(&line).into_owned();
+            println!("{line}");
+            output.push_str(&line);
+            output.push('\n');
+        }
+    }
+    child.wait()?;
+    Ok((output, started.elapsed()))
 }
 
 /// A directory removed when dropped.
@@ -432,121 +706,6 @@ fn tempdir(tag: &str) -> Result<TempDir> {
     Ok(TempDir(dir))
 }
 
-/// `LBVM-FEATURE name<TAB>since<TAB>result` and `LBVM-STEP name ok|FAILED` lines.
-struct Parsed {
-    features: Vec<(String, String, String)>,
-    steps: Vec<(String, bool)>,
-}
-
-fn parse(output: &str) -> Parsed {
-    let mut parsed = Parsed {
-        features: Vec::new(),
-        steps: Vec::new(),
-    };
-    for line in output.lines() {
-        if let Some(rest) = line.split_once("LBVM-FEATURE ").map(|(_, r)| r) {
-            let mut f = rest.splitn(3, '\t');
-            let name = f.next().unwrap_or_default().to_owned();
-            let a = f.next().unwrap_or_default().to_owned();
-            let b = f.next().unwrap_or_default().to_owned();
-            parsed.features.push((name, a, b));
-        } else if let Some(rest) = line.split_once("LBVM-STEP ").map(|(_, r)| r)
-            && let Some((name, result)) = rest.rsplit_once(' ')
-        {
-            parsed.steps.push((name.to_owned(), result == "ok"));
-        }
-    }
-    parsed
-}
-
-/// results/kernels.md: the guest's and the host's feature probes and smoke steps.
-fn kernel_table(guest_release: &str, guest: &Boot, accel: Accel) -> Result<String> {
-    let host_release = std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .map(|s| s.trim().to_owned())
-        .unwrap_or_default();
-    println!("\nrunning the same smoke test on the host kernel ({host_release}) for the table");
-    let host_out = host_smoke()?;
-    print!("{host_out}");
-    let g = parse(&guest.console);
-    let h = parse(&host_out);
-    let mut md = String::new();
-    let _ = writeln!(md, "# Kernels\n");
-    let _ = writeln!(
-        md,
-        "Written by `cargo xtask vm` (the smoke test of `xtask/src/vm/smoke.sh`). The guest\n\
-         is Debian 12's stock `linux-image-cloud-amd64` booted in QEMU ({accel}, {:.1} s\n\
-         from QEMU's start to power-off); the host column is the machine's own kernel,\n\
-         where the same script runs in namespaces. Each feature is probed by\n\
-         `lb-agent --kernel-features` (`lb-agent/src/features.rs`); \"since\" is the first\n\
-         mainline kernel with it.\n",
-        guest.took.as_secs_f64()
-    );
-    let _ = writeln!(
-        md,
-        "| feature | since | Debian 6.1 guest ({guest_release}) | host ({host_release}) |"
-    );
-    let _ = writeln!(md, "|---|---|---|---|");
-    let mut names: Vec<&str> = g.features.iter().map(|f| f.0.as_str()).collect();
-    for f in &h.features {
-        if !names.contains(&f.0.as_str()) {
-            names.push(&f.0);
-        }
-    }
-    let cell = |p: &Parsed, name: &str, since: bool| -> String {
-        p.features
-            .iter()
-            .find(|f| f.0 == name)
-            .map(|f| if since { f.1.clone() } else { f.2.clone() })
-            .unwrap_or_else(|| "-".into())
-            .replace('|', "/")
-    };
-    for name in names {
-        let since = if cell(&g, name, true) != "-" {
-            cell(&g, name, true)
-        } else {
-            cell(&h, name, true)
-        };
-        if matches!(name, "kernel" | "attach") {
-            continue;
-        }
-        let _ = writeln!(
-            md,
-            "| {name} | {since} | {} | {} |",
-            cell(&g, name, false),
-            cell(&h, name, false)
-        );
-    }
-    let _ = writeln!(
-        md,
-        "| **attach method** | | {} | {} |",
-        cell(&g, "attach", true),
-        cell(&h, "attach", true)
-    );
-    let _ = writeln!(md, "\n| smoke step | Debian 6.1 guest | host |");
-    let _ = writeln!(md, "|---|---|---|");
-    let mut steps: Vec<&str> = g.steps.iter().map(|s| s.0.as_str()).collect();
-    for s in &h.steps {
-        if !steps.contains(&s.0.as_str()) {
-            steps.push(&s.0);
-        }
-    }
-    let result = |p: &Parsed, name: &str| match p.steps.iter().find(|s| s.0 == name) {
-        Some((_, true)) => "passed",
-        Some((_, false)) => "FAILED",
-        None => "not run",
-    };
-    for s in steps {
-        let _ = writeln!(md, "| {s} | {} | {} |", result(&g, s), result(&h, s));
-    }
-    let _ = writeln!(
-        md,
-        "\nThe host also runs the whole suite (`cargo xtask test`); the guest runs only the\n\
-         smoke test. Not yet run in the guest: the end-to-end test binaries and the\n\
-         benchmark (`cargo xtask vm --bench`)."
-    );
-    Ok(md)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -558,27 +717,5 @@ mod tests {
             "lbvm: up"
         );
         assert_eq!(printable("a\tb"), "a\tb");
-    }
-
-    #[test]
-    fn markers_are_parsed() {
-        let p = parse(
-            "noise\nLBVM-FEATURE tcx\t6.6\tno (refused)\nLBVM-FEATURE attach\tNetlink\n\
-             LBVM-STEP agent-ready ok\nLBVM-STEP clusterip-tcp FAILED\n",
-        );
-        assert_eq!(
-            p.features,
-            [
-                ("tcx".into(), "6.6".into(), "no (refused)".into()),
-                ("attach".into(), "Netlink".into(), String::new()),
-            ]
-        );
-        assert_eq!(
-            p.steps,
-            [
-                ("agent-ready".into(), true),
-                ("clusterip-tcp".into(), false)
-            ]
-        );
     }
 }

@@ -7,6 +7,12 @@
 //!   connected socket, one answer line each.
 //! - `lbt-client hold ADDR:PORT [--timeout-ms MS]`: one connection kept open; prints the
 //!   greeting, then sends each line read from stdin and prints the answer.
+//! - `lbt-client udp-sendto ADDR:PORT [--count N] [--timeout-ms MS]`: N datagrams from one
+//!   unconnected socket (`sendto`/`recvfrom`); each answer line ends with
+//!   `from=SOURCE`, the source address the application was given.
+//!
+//! With `--peer`, the `tcp` and `udp` lines end with `peer=ADDR`, the socket's peer as
+//! `getpeername(2)` gives it.
 //!
 //! Load modes for the benchmark (`cargo xtask bench datapath`), each bounded by N
 //! operations and S seconds (whichever comes first), each printing `MODE COUNT SECONDS`:
@@ -27,9 +33,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tests::clients::{tcp_connect, tcp_hello, udp_ask, udp_connect};
+use tests::clients::{Greeting, tcp_connect, tcp_hello, udp_ask, udp_connect};
 
-const USAGE: &str = "usage: lbt-client (tcp|udp|hold|crr|rr|udp-rr|stream) ADDR:PORT [--count N] [--seconds S] [--timeout-ms MS]";
+const USAGE: &str = "usage: lbt-client (tcp|udp|udp-sendto|hold|crr|rr|udp-rr|stream) ADDR:PORT [--count N] [--seconds S] [--timeout-ms MS] [--peer]";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -42,8 +48,13 @@ fn main() -> ExitCode {
     };
     let (mut count, mut timeout) = (1u32, Duration::from_secs(2));
     let mut seconds = None;
+    let mut show_peer = false;
     let mut rest = args[2..].iter();
     while let Some(flag) = rest.next() {
+        if flag == "--peer" {
+            show_peer = true;
+            continue;
+        }
         let value = rest.next().and_then(|v| v.parse::<u64>().ok());
         match (flag.as_str(), value) {
             ("--count", Some(n)) => count = n.try_into().unwrap_or(u32::MAX),
@@ -57,17 +68,28 @@ fn main() -> ExitCode {
     }
     let result = match mode {
         "tcp" => (0..count).try_for_each(|_| {
-            let g = tcp_hello(addr, timeout)?;
-            println!("{} {}", g.pod, g.peer);
+            let (stream, g) = tcp_connect(addr, timeout)?;
+            println!(
+                "{} {}{}",
+                g.pod,
+                g.peer,
+                peer(show_peer, stream.peer_addr())?
+            );
             Ok(())
         }),
         "udp" => udp_connect(addr, timeout).and_then(|socket| {
             (0..count).try_for_each(|_| {
                 let g = udp_ask(&socket)?;
-                println!("{} {}", g.pod, g.peer);
+                println!(
+                    "{} {}{}",
+                    g.pod,
+                    g.peer,
+                    peer(show_peer, socket.peer_addr())?
+                );
                 Ok(())
             })
         }),
+        "udp-sendto" => udp_sendto(addr, count, timeout),
         "hold" => hold(addr, timeout),
         "rr" => rr(
             addr,
@@ -100,6 +122,29 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// ` peer=ADDR` when asked for.
+fn peer(show: bool, addr: io::Result<SocketAddr>) -> io::Result<String> {
+    Ok(if show {
+        format!(" peer={}", addr?)
+    } else {
+        String::new()
+    })
+}
+
+/// Datagrams from one unconnected socket; prints each answer and where it came from.
+fn udp_sendto(addr: SocketAddr, count: u32, timeout: Duration) -> io::Result<()> {
+    let socket = std::net::UdpSocket::bind("0.0.0.0:0")?;
+    socket.set_read_timeout(Some(timeout))?;
+    let mut buf = [0u8; 512];
+    for _ in 0..count {
+        socket.send_to(b"hi", addr)?;
+        let (n, from) = socket.recv_from(&mut buf)?;
+        let g = Greeting::parse(&String::from_utf8_lossy(&buf[..n]))?;
+        println!("{} {} from={from}", g.pod, g.peer);
+    }
+    Ok(())
 }
 
 /// One connection: the greeting, then a line exchanged for each line of stdin.

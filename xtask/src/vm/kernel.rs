@@ -29,8 +29,11 @@ pub struct Kernel {
     pub release: String,
     /// The bzImage.
     pub image: PathBuf,
-    /// Module files to load, dependencies first (decompressed).
-    pub modules: Vec<PathBuf>,
+    /// Modules to load at boot (`modprobe NAME`), in order.
+    pub modules: Vec<String>,
+    /// `lib/modules/RELEASE` for the guest: the modules, decompressed, with `modules.dep`
+    /// and `modules.alias` (none for a bare image).
+    pub module_tree: Option<PathBuf>,
 }
 
 /// Resolves `--kernel`: `debian-6.1` (downloaded and unpacked on first use) or a path to a
@@ -68,14 +71,15 @@ pub fn obtain(spec: &str) -> Result<Kernel> {
                 .map(str::to_owned)
         })
         .unwrap_or_default();
-    let modules = match &tree {
+    let (modules, module_tree) = match &tree {
         Some(tree) if !release.is_empty() => modules(tree, &release)?,
-        _ => Vec::new(),
+        _ => (Vec::new(), None),
     };
     Ok(Kernel {
         release,
         image,
         modules,
+        module_tree,
     })
 }
 
@@ -155,9 +159,26 @@ fn run_out(cmd: &mut Command) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
-/// The module files for [`MODULES`] that the kernel's config builds as modules, with
-/// their dependencies (from each file's `.modinfo` `depends=`), dependencies first.
-fn modules(tree: &Path, release: &str) -> Result<Vec<PathBuf>> {
+/// Module families shipped beside [`MODULES`] so that the guest kernel can load them on
+/// demand (`request_module` -> busybox `modprobe` -> `modules.dep` / `modules.alias`):
+/// netfilter for the tests' iptables rules and conntrack and for kube-proxy's rules in the
+/// benchmark, the bridge of the two-node tests, and the TC qdiscs and classifiers.
+const FAMILIES: [&str; 7] = [
+    "kernel/net/netfilter/",
+    "kernel/net/ipv4/netfilter/",
+    "kernel/net/ipv6/netfilter/",
+    "kernel/net/bridge/",
+    "kernel/net/sched/",
+    "kernel/net/802/",
+    "kernel/net/llc/",
+];
+
+/// The guest's module tree: the modules of [`MODULES`] that the kernel's config builds as
+/// modules (the ones to load at boot, by name) and the [`FAMILIES`], each with its
+/// dependencies (from each file's `.modinfo` `depends=`), decompressed into
+/// `target/vm/modules/RELEASE/lib/modules/RELEASE/` with busybox's `depmod` index. Built
+/// once per release (a marker written last makes an interrupted build start over).
+fn modules(tree: &Path, release: &str) -> Result<(Vec<String>, Option<PathBuf>)> {
     let config =
         fs::read_to_string(tree.join(format!("boot/config-{release}"))).unwrap_or_default();
     let dir = tree.join("lib/modules").join(release);
@@ -165,6 +186,7 @@ fn modules(tree: &Path, release: &str) -> Result<Vec<PathBuf>> {
     index(&dir.join("kernel"), &mut files);
     let mut order = Vec::new();
     let mut seen = BTreeSet::new();
+    let mut load = Vec::new();
     for (name, symbol) in MODULES {
         let setting = config
             .lines()
@@ -178,13 +200,58 @@ fn modules(tree: &Path, release: &str) -> Result<Vec<PathBuf>> {
             _ => bail!("kernel {release} lacks {symbol} (needed for {name})"),
         }
         add_module(name, &files, &mut seen, &mut order, release)?;
+        load.push(name.to_owned());
     }
-    let out = workspace().join("target/vm/modules").join(release);
-    fs::create_dir_all(&out)?;
-    order
-        .into_iter()
-        .map(|path| decompressed(&path, &out))
-        .collect()
+    if files.is_empty() {
+        return Ok((load, None));
+    }
+    let staged = workspace().join("target/vm/modules").join(release);
+    let root = staged.join("lib/modules").join(release);
+    let done = staged.join(".complete");
+    if done.exists() {
+        return Ok((load, Some(root)));
+    }
+    for path in &files {
+        let rel = path.strip_prefix(&dir).unwrap_or(path).to_string_lossy();
+        if FAMILIES.iter().any(|f| rel.starts_with(f)) && rel.contains(".ko") {
+            let name = module_name(path);
+            add_module(&name, &files, &mut seen, &mut order, release)?;
+        }
+    }
+    let _ = fs::remove_dir_all(&staged);
+    for path in &order {
+        let rel = path.strip_prefix(&dir).unwrap_or(path);
+        let out = root.join(rel.parent().unwrap_or(Path::new("")));
+        fs::create_dir_all(&out)?;
+        decompressed(path, &out)?;
+    }
+    for file in [
+        "modules.order",
+        "modules.builtin",
+        "modules.builtin.modinfo",
+    ] {
+        if dir.join(file).is_file() {
+            fs::copy(dir.join(file), root.join(file))?;
+        }
+    }
+    let status = Command::new("busybox")
+        .arg("depmod")
+        .arg("-b")
+        .arg(&staged)
+        .arg(release)
+        .status()
+        .context("cannot run busybox depmod")?;
+    if !status.success() {
+        bail!("busybox depmod -b {} {release} failed", staged.display());
+    }
+    fs::write(&done, format!("{} modules\n", order.len()))?;
+    Ok((load, Some(root)))
+}
+
+/// `.../nf_conntrack.ko.xz` -> `nf_conntrack`.
+fn module_name(path: &Path) -> String {
+    let n = path.file_name().unwrap_or_default().to_string_lossy();
+    n.split(".ko").next().unwrap_or_default().to_owned()
 }
 
 fn index(dir: &Path, out: &mut Vec<PathBuf>) {
