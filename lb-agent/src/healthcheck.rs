@@ -54,7 +54,7 @@ use tracing::{info, warn};
 
 use crate::{
     model::{self, Key, NodePortAddresses, ObjectRef, Objects, Problem},
-    state::ChangedKeys,
+    state::{ChangedKeys, SliceIndex},
     telemetry::Telemetry,
 };
 
@@ -352,10 +352,8 @@ pub struct HealthChecks {
     invalid: BTreeMap<Key, String>,
     /// The Services asking for each port, with their counts.
     claims: Claims,
-    /// The Service each EndpointSlice belongs to.
-    slice_owner: BTreeMap<Key, Key>,
-    /// The EndpointSlices of each Service.
-    slices_of: BTreeMap<Key, BTreeSet<Key>>,
+    /// Which EndpointSlices belong to which Service.
+    slices: SliceIndex,
 }
 
 impl HealthChecks {
@@ -380,27 +378,11 @@ impl HealthChecks {
         let mut dirty: BTreeSet<Key> = services.into_iter().cloned().collect();
         dirty.extend(endpoints.into_iter().cloned());
         for key in slices {
-            if let Some(old) = self.slice_owner.remove(key) {
-                if let Entry::Occupied(mut e) = self.slices_of.entry(old.clone()) {
-                    e.get_mut().remove(key);
-                    if e.get().is_empty() {
-                        e.remove();
-                    }
-                }
-                dirty.insert(old);
-            }
             let owner = objects
                 .endpoint_slice(key)
                 .and_then(model::slice_service)
                 .map(|service| (key.0.clone(), service.to_owned()));
-            if let Some(owner) = owner {
-                self.slices_of
-                    .entry(owner.clone())
-                    .or_default()
-                    .insert(key.clone());
-                self.slice_owner.insert(key.clone(), owner.clone());
-                dirty.insert(owner);
-            }
+            self.slices.update(key, owner, &mut dirty);
         }
         for key in dirty {
             self.recompute(objects, key);
@@ -434,10 +416,8 @@ impl HealthChecks {
             Ok(None) => {}
             Ok(Some(port)) => {
                 let slices = self
-                    .slices_of
-                    .get(&key)
-                    .into_iter()
-                    .flatten()
+                    .slices
+                    .slices_of(&key)
                     .filter_map(|s| objects.endpoint_slice(s));
                 let count = local_ready_endpoints(slices, objects.endpoints(&key), &self.node);
                 self.claims

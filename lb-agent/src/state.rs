@@ -283,10 +283,48 @@ pub struct DesiredCache {
     services: BTreeMap<Frontend, DesiredService>,
     /// The problems of each Service that has any, sorted.
     problems: BTreeMap<Key, Vec<Problem>>,
+    /// Which EndpointSlices belong to which Service.
+    slices: SliceIndex,
+}
+
+/// Which EndpointSlices belong to which Service (keys only), followed one changed slice at a
+/// time, so that a changed slice costs a lookup and its owners before and after are known.
+#[derive(Debug, Clone, Default)]
+pub struct SliceIndex {
     /// The Service each EndpointSlice belongs to (slices the label filter drops: none).
-    slice_owner: BTreeMap<Key, Key>,
+    owner: BTreeMap<Key, Key>,
     /// The EndpointSlices of each Service.
     slices_of: BTreeMap<Key, SmallSet<Key>>,
+}
+
+impl SliceIndex {
+    /// Follows slice `key`, which now belongs to `owner` (`None`: it is gone, or belongs
+    /// to no Service), and adds the Services it belonged to before and belongs to now to
+    /// `dirty`: both must be recomputed.
+    pub fn update(&mut self, key: &Key, owner: Option<Key>, dirty: &mut BTreeSet<Key>) {
+        if let Some(old) = self.owner.remove(key) {
+            if let Entry::Occupied(mut e) = self.slices_of.entry(old.clone()) {
+                e.get_mut().remove(key);
+                if e.get().is_empty() {
+                    e.remove();
+                }
+            }
+            dirty.insert(old);
+        }
+        if let Some(owner) = owner {
+            self.slices_of
+                .entry(owner.clone())
+                .or_default()
+                .insert(key.clone());
+            self.owner.insert(key.clone(), owner.clone());
+            dirty.insert(owner);
+        }
+    }
+
+    /// The EndpointSlices of Service `service`.
+    pub fn slices_of(&self, service: &Key) -> impl Iterator<Item = &Key> {
+        self.slices_of.get(service).into_iter().flatten()
+    }
 }
 
 /// A sorted set in one vector, for the sets the cache keeps per Service and per frontend:
@@ -376,29 +414,12 @@ impl DesiredCache {
         let mut dirty: BTreeSet<Key> = changed.services.clone();
         dirty.extend(changed.endpoints.iter().cloned());
         for key in &changed.endpoint_slices {
-            // Both the owner the slice had and the one it has now must be recomputed.
-            if let Some(old) = self.slice_owner.remove(key) {
-                if let Entry::Occupied(mut e) = self.slices_of.entry(old.clone()) {
-                    e.get_mut().remove(key);
-                    if e.get().is_empty() {
-                        e.remove();
-                    }
-                }
-                dirty.insert(old);
-            }
             let owner = objects
                 .endpoint_slices
                 .get(key)
                 .and_then(|s| model::slice_service(s))
                 .map(|service| (key.0.clone(), service.to_owned()));
-            if let Some(owner) = owner {
-                self.slices_of
-                    .entry(owner.clone())
-                    .or_default()
-                    .insert(key.clone());
-                self.slice_owner.insert(key.clone(), owner.clone());
-                dirty.insert(owner);
-            }
+            self.slices.update(key, owner, &mut dirty);
         }
 
         // Recompute the dirty Services, and note every frontend they claimed or claim.
@@ -406,10 +427,8 @@ impl DesiredCache {
         for key in &dirty {
             let new = objects.services.get(key).map(|svc| {
                 let slices: Vec<&EndpointSlice> = self
-                    .slices_of
-                    .get(key)
-                    .into_iter()
-                    .flatten()
+                    .slices
+                    .slices_of(key)
                     .filter_map(|s| objects.endpoint_slices.get(s).map(|s| &**s))
                     .collect();
                 model::service_claims(objects, key, svc, &slices, &self.ctx)

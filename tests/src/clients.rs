@@ -34,6 +34,39 @@ impl Greeting {
     }
 }
 
+/// An open connection to a pod server that echoes each line back as `POD: LINE`: what the
+/// tests hold across agent restarts and map updates.
+pub struct Held {
+    conn: TcpStream,
+    reader: BufReader<TcpStream>,
+    /// The pod that greeted the connection.
+    pub pod: String,
+}
+
+impl Held {
+    /// Holds `conn`, greeted by `greeting`.
+    pub fn new(conn: TcpStream, greeting: Greeting) -> io::Result<Self> {
+        Ok(Self {
+            reader: BufReader::new(conn.try_clone()?),
+            conn,
+            pod: greeting.pod,
+        })
+    }
+
+    /// Sends `msg` and checks that the greeting pod echoes it; panics otherwise.
+    pub fn exchange(&mut self, msg: &str) {
+        use std::io::Write as _;
+        self.conn
+            .write_all(format!("{msg}\n").as_bytes())
+            .unwrap_or_else(|e| panic!("send {msg}: {e}"));
+        let mut answer = String::new();
+        self.reader
+            .read_line(&mut answer)
+            .unwrap_or_else(|e| panic!("after {msg}: {e}"));
+        assert_eq!(answer, format!("{}: {msg}\n", self.pod));
+    }
+}
+
 /// Connects to `addr` (giving up after `timeout`) and returns the open connection, with
 /// `timeout` as its read timeout, and the server's greeting.
 pub fn tcp_connect(addr: SocketAddr, timeout: Duration) -> io::Result<(TcpStream, Greeting)> {

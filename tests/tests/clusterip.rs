@@ -11,7 +11,7 @@ use std::{
 
 use tests::{
     agent::Agent,
-    clients::{Greeting, tcp_connect, tcp_hello, udp_ask, udp_connect},
+    clients::{Greeting, Held, tcp_connect, tcp_hello, udp_ask, udp_connect},
     missing_kernel_feature, require_root,
     servers::{self, Server},
     topology::{Host, Topology},
@@ -484,17 +484,8 @@ fn established_connection_survives_agent_kill_and_restart() {
         .ns
         .run(move || tcp_connect(SocketAddr::from((CLUSTER_IP, 80)), TIMEOUT))
         .expect("connect");
-    let pod = greeting.pod;
-    let mut reader = BufReader::new(conn.try_clone().expect("clone"));
-    let mut exchange = |msg: &str| {
-        conn.write_all(format!("{msg}\n").as_bytes())
-            .unwrap_or_else(|e| panic!("send {msg}: {e}"));
-        let mut answer = String::new();
-        reader
-            .read_line(&mut answer)
-            .unwrap_or_else(|e| panic!("after {msg}: {e}"));
-        assert_eq!(answer, format!("{pod}: {msg}\n"));
-    };
+    let mut held = Held::new(conn.try_clone().expect("clone"), greeting).expect("hold");
+    let mut exchange = |msg: &str| held.exchange(msg);
     exchange("before");
 
     env.agent.kill9();

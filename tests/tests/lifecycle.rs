@@ -5,7 +5,6 @@
 //!
 //! Run as root: `cargo xtask test` (or `cargo test --release -p tests --test lifecycle`).
 use std::{
-    io::{BufRead as _, BufReader, Write as _},
     net::{Ipv4Addr, SocketAddr},
     process::Command,
     time::Duration,
@@ -13,7 +12,7 @@ use std::{
 
 use tests::{
     agent::{Agent, agent_binary},
-    clients::{tcp_connect, tcp_hello},
+    clients::{Held, tcp_connect, tcp_hello},
     missing_kernel_feature,
     netns::run_in,
     require_root,
@@ -199,21 +198,12 @@ fn netlink_tc_attachment_carries_a_connection_across_a_restart() {
         "one cls_bpf filter on {dev}:\n{shown}\n{}",
         env.agent.log()
     );
-    let (mut conn, greeting) = env.topo.clients[0]
+    let (conn, greeting) = env.topo.clients[0]
         .ns
         .run(move || tcp_connect(SocketAddr::from((CLUSTER_IP, 80)), TIMEOUT))
         .expect("connect through the ClusterIP");
-    let pod = greeting.pod;
-    let mut reader = BufReader::new(conn.try_clone().expect("clone"));
-    let mut exchange = |msg: &str| {
-        conn.write_all(format!("{msg}\n").as_bytes())
-            .unwrap_or_else(|e| panic!("send {msg}: {e}"));
-        let mut answer = String::new();
-        reader
-            .read_line(&mut answer)
-            .unwrap_or_else(|e| panic!("after {msg}: {e}"));
-        assert_eq!(answer, format!("{pod}: {msg}\n"));
-    };
+    let mut held = Held::new(conn, greeting).expect("hold the connection");
+    let mut exchange = |msg: &str| held.exchange(msg);
     exchange("before");
     env.agent.kill9();
     env.agent.restart();

@@ -413,46 +413,26 @@ fn nodeports_follow_node_addresses_that_appear_later() {
 
 #[test]
 fn external_traffic_policy_local_on_two_nodes_serves_each_nodes_own_pods() {
-    require_root();
-    if let Some(why) = missing_kernel_feature() {
-        eprintln!("skipped: {why}");
-        return;
-    }
-    let cluster = Cluster::new(2);
-    let mut servers = Vec::new();
-    let (mut ips, mut nodes) = (Vec::new(), Vec::new());
-    for node in &cluster.nodes {
-        for (k, pod) in node.pods.iter().enumerate() {
-            let name = format!("{}-pod-{}", node.name, k + 1);
-            servers.push(servers::tcp(&pod.ns, &name, 8080));
-            servers.push(servers::udp(&pod.ns, &name, 5353));
-            ips.push(pod.ip);
-            nodes.push(node.name.as_str());
-        }
-    }
-    let files = [
-        (
-            "web.yaml",
-            service(
-                "web",
-                CLUSTER_IP,
-                "NodePort",
-                &format!("  externalTrafficPolicy: Local\n  externalIPs: [\"{EXTERNAL_IP}\"]\n"),
-                "",
+    let Some(two) = two_nodes(2, |ips, nodes| {
+        vec![
+            (
+                "web.yaml".to_owned(),
+                service(
+                    "web",
+                    CLUSTER_IP,
+                    "NodePort",
+                    &format!(
+                        "  externalTrafficPolicy: Local\n  externalIPs: [\"{EXTERNAL_IP}\"]\n"
+                    ),
+                    "",
+                ),
             ),
-        ),
-        ("web-slice.yaml", slice("web", &ips, &nodes)),
-    ];
-    let refs: Vec<(&str, &str)> = files.iter().map(|(a, b)| (*a, b.as_str())).collect();
-    let agents: Vec<Agent> = cluster
-        .nodes
-        .iter()
-        .map(|node| {
-            let wrapper = node.agent_wrapper();
-            let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
-            Agent::start_under(&node.ns, &refs, &wrapper)
-        })
-        .collect();
+            ("web-slice.yaml".to_owned(), slice("web", ips, nodes)),
+        ]
+    }) else {
+        return;
+    };
+    let cluster = &two.cluster;
     let client: &Member = &cluster.client;
     let ask_tcp = |addr: Ipv4Addr, port: u16| {
         client
@@ -493,42 +473,22 @@ fn external_traffic_policy_local_on_two_nodes_serves_each_nodes_own_pods() {
     let g = ask_tcp(EXTERNAL_IP, 80);
     assert!(g.pod.starts_with("node-1-"), "{}", g.pod);
     assert_saw_ip(&g, client.ip);
-    drop(agents);
 }
 
 #[test]
 fn nodeport_reaches_pods_on_the_other_node_through_source_nat() {
-    require_root();
-    if let Some(why) = missing_kernel_feature() {
-        eprintln!("skipped: {why}");
+    let Some(two) = two_nodes(2, |ips, nodes| {
+        vec![
+            (
+                "web.yaml".to_owned(),
+                service("web", CLUSTER_IP, "NodePort", "", ""),
+            ),
+            ("web-slice.yaml".to_owned(), slice("web", ips, nodes)),
+        ]
+    }) else {
         return;
-    }
-    let cluster = Cluster::new(2);
-    let mut servers = Vec::new();
-    let (mut ips, mut nodes) = (Vec::new(), Vec::new());
-    for node in &cluster.nodes {
-        for (k, pod) in node.pods.iter().enumerate() {
-            let name = format!("{}-pod-{}", node.name, k + 1);
-            servers.push(servers::tcp(&pod.ns, &name, 8080));
-            servers.push(servers::udp(&pod.ns, &name, 5353));
-            ips.push(pod.ip);
-            nodes.push(node.name.as_str());
-        }
-    }
-    let files = [
-        ("web.yaml", service("web", CLUSTER_IP, "NodePort", "", "")),
-        ("web-slice.yaml", slice("web", &ips, &nodes)),
-    ];
-    let refs: Vec<(&str, &str)> = files.iter().map(|(a, b)| (*a, b.as_str())).collect();
-    let agents: Vec<Agent> = cluster
-        .nodes
-        .iter()
-        .map(|node| {
-            let wrapper = node.agent_wrapper();
-            let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
-            Agent::start_under(&node.ns, &refs, &wrapper)
-        })
-        .collect();
+    };
+    let cluster = &two.cluster;
     let client: &Member = &cluster.client;
     let node1 = &cluster.nodes[0];
     let mut pods = BTreeSet::new();
@@ -566,7 +526,6 @@ fn nodeport_reaches_pods_on_the_other_node_through_source_nat() {
         }
     }
     assert!(remote_udp, "no UDP answer from the other node's pods");
-    drop(agents);
 }
 
 /// The address the datapath gives hairpin flows as their source.
