@@ -53,6 +53,13 @@ struct Cli {
     #[arg(long, value_name = "CIDRS", value_parser = model::NodePortAddresses::parse)]
     nodeport_addresses: Option<model::NodePortAddresses>,
 
+    /// Translate only the Services' externalIPs within these comma-separated CIDRs and
+    /// report the others, naming the Service: the guard against CVE-2020-8554 (whoever may
+    /// create a Service could otherwise capture traffic to any address by listing it as
+    /// an externalIP). An empty list admits none. Default: every externalIP, as kube-proxy.
+    #[arg(long, value_name = "CIDRS", value_parser = model::ExternalIpCidrs::parse)]
+    external_ip_cidrs: Option<model::ExternalIpCidrs>,
+
     /// Devices to attach to: comma-separated names or globs (`veth*,eth0`). Matching
     /// devices that appear later (pod veths) are attached when they appear.
     #[arg(
@@ -280,6 +287,7 @@ fn node_context(node: &str, cli: &Cli) -> model::NodeContext {
     model::NodeContext {
         node_name: node.to_owned(),
         nodeport_addrs,
+        external_ip_cidrs: cli.external_ip_cidrs.clone().map(|c| c.0),
         ..model::NodeContext::default()
     }
 }

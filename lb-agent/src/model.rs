@@ -127,6 +127,11 @@ pub struct NodeContext {
     pub nodeport_addrs: BTreeSet<Ipv4Addr>,
     /// NodePorts outside this inclusive range are reported and not programmed.
     pub nodeport_range: (u16, u16),
+    /// `--external-ip-cidrs`: when set, only `externalIPs` within these prefixes are
+    /// translated, and the others are reported (the guard against CVE-2020-8554, where
+    /// anyone allowed to create a Service could capture traffic to any address by naming
+    /// it as an externalIP). `None`: every externalIP, as kube-proxy does.
+    pub external_ip_cidrs: Option<Vec<Cidr>>,
 }
 
 impl Default for NodeContext {
@@ -135,7 +140,28 @@ impl Default for NodeContext {
             node_name: String::new(),
             nodeport_addrs: BTreeSet::new(),
             nodeport_range: DEFAULT_NODEPORT_RANGE,
+            external_ip_cidrs: None,
         }
+    }
+}
+
+/// `--external-ip-cidrs`: the prefixes within which externalIPs are admitted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExternalIpCidrs(pub Vec<Cidr>);
+
+impl ExternalIpCidrs {
+    /// Parses the flag: comma-separated IPv4 CIDRs; IPv6 ones are accepted and admit
+    /// nothing, as this datapath is IPv4 only. Empty: no externalIP is admitted.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let mut cidrs = Vec::new();
+        for item in text.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            match parse_cidr(item) {
+                Some(ParsedCidr::V4(c)) => cidrs.push(c),
+                Some(ParsedCidr::V6) => {}
+                None => return Err(format!("{item:?} is not a CIDR (ADDR/LEN)")),
+            }
+        }
+        Ok(Self(cidrs))
     }
 }
 
@@ -622,7 +648,13 @@ pub fn service_claims(
         problems.insert(Problem::new(owner.clone(), reason));
     }
     let endpoints = endpoints_of(objects, ns, name, slices, &ctx.node_name);
-    let north_south = NorthSouth::of(svc, spec, &owner, problems);
+    let north_south = NorthSouth::of(
+        svc,
+        spec,
+        &owner,
+        ctx.external_ip_cidrs.as_deref(),
+        problems,
+    );
     let internal_local = spec.internal_traffic_policy.as_deref() == Some("Local");
     // As kube-proxy: the external policy only counts for a Service reachable from
     // outside (a ClusterIP Service has nothing it could apply to).
@@ -769,6 +801,7 @@ impl NorthSouth {
         svc: &Service,
         spec: &ServiceSpec,
         owner: &ObjectRef,
+        allowed_external: Option<&[Cidr]>,
         problems: &mut BTreeSet<Problem>,
     ) -> Self {
         let type_ = spec.type_.as_deref().unwrap_or("ClusterIP");
@@ -781,6 +814,13 @@ impl NorthSouth {
         for ip in spec.external_ips.iter().flatten() {
             let ip = ip.trim();
             match ip.parse::<IpAddr>() {
+                Ok(IpAddr::V4(v4))
+                    if allowed_external.is_some_and(|a| !a.iter().any(|c| c.contains(v4))) =>
+                {
+                    note(format!(
+                        "externalIP {ip} is outside --external-ip-cidrs; skipped"
+                    ));
+                }
                 Ok(IpAddr::V4(v4)) => {
                     external_ips.insert(v4);
                 }
@@ -2212,6 +2252,44 @@ mod tests {
                 ("203.0.113.5:80/TCP".to_owned(), FrontendKind::ExternalIp),
             ]
         );
+    }
+
+    #[test]
+    fn external_ips_outside_the_allowed_cidrs_are_refused() {
+        let w = World::default()
+            .svc(
+                svc("default", "a")
+                    .cluster_ip("10.96.0.21")
+                    .port("", 80, "TCP", "8080")
+                    .external_ips(&["203.0.113.5", "192.0.2.1"]),
+            )
+            .svc(
+                svc("default", "b")
+                    .cluster_ip("10.96.0.22")
+                    .port("", 80, "TCP", "8080"),
+            );
+        let guarded = |cidrs: &str| NodeContext {
+            external_ip_cidrs: Some(ExternalIpCidrs::parse(cidrs).unwrap().0),
+            ..node()
+        };
+        let d = desired_state(&w.0, &guarded("203.0.113.0/24, fd00::/8"));
+        assert_eq!(
+            kinds(&d),
+            [
+                ("10.96.0.21:80/TCP".to_owned(), FrontendKind::ClusterIp),
+                ("10.96.0.22:80/TCP".to_owned(), FrontendKind::ClusterIp),
+                ("203.0.113.5:80/TCP".to_owned(), FrontendKind::ExternalIp),
+            ]
+        );
+        assert_eq!(
+            texts(&d),
+            ["Service default/a: externalIP 192.0.2.1 is outside --external-ip-cidrs; skipped"]
+        );
+        // An empty list admits none; the ClusterIPs are untouched.
+        let d = desired_state(&w.0, &guarded(""));
+        assert_eq!(kinds(&d).len(), 2);
+        assert_eq!(texts(&d).len(), 2);
+        assert!(ExternalIpCidrs::parse("10.0.0.0/8,junk").is_err());
     }
 
     /// A LoadBalancer Service whose addresses and nodePort are unique to `n`.

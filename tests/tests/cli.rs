@@ -36,6 +36,7 @@ fn help_documents_every_flag() {
         "--detach-on-exit",
         "--cgroup-path",
         "--nodeport-localhost",
+        "--external-ip-cidrs",
     ] {
         assert!(
             help.contains(flag),
@@ -131,4 +132,62 @@ fn dry_run_prints_the_tables_without_privilege() {
         json.contains("10.96.0.10:80/TCP") && json.contains("10.201.3.2:8080"),
         "{json}"
     );
+}
+
+/// The CVE-2020-8554 guard, through the real binary: an externalIP outside
+/// `--external-ip-cidrs` gets no frontend and a problem naming the Service, while the
+/// allowed one and every other Service are programmed as before.
+#[test]
+fn external_ips_outside_the_allowed_cidrs_are_refused_by_name() {
+    let dir = std::env::temp_dir().join(format!("lb-cli-extip-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("create the manifests directory");
+    std::fs::write(
+        dir.join("svc.yaml"),
+        r#"apiVersion: v1
+kind: Service
+metadata: {name: grab, namespace: default}
+spec:
+  clusterIP: 10.96.7.1
+  externalIPs: [203.0.113.9, 8.8.8.8]
+  ports: [{port: 53, protocol: UDP, targetPort: 53}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: other, namespace: default}
+spec:
+  clusterIP: 10.96.7.2
+  ports: [{port: 80, targetPort: 8080}]
+"#,
+    )
+    .expect("write the manifest");
+    let out = Command::new(agent_binary())
+        .arg("--manifests")
+        .arg(&dir)
+        .args(["--dry-run", "--external-ip-cidrs", "203.0.113.0/24"])
+        .output()
+        .expect("run lb-agent");
+    let _ = std::fs::remove_dir_all(&dir);
+    let (json, log) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{log}");
+    assert!(
+        json.contains("203.0.113.9:53/UDP") && json.contains("10.96.7.2:80/TCP"),
+        "{json}"
+    );
+    assert!(!json.contains("8.8.8.8:53"), "{json}");
+    assert!(
+        log.contains("default/grab") && log.contains("externalIP 8.8.8.8 is outside"),
+        "{log}"
+    );
+    // A malformed list is refused before anything starts.
+    let (ok, err) = agent(&[
+        "--manifests",
+        "/nonexistent",
+        "--external-ip-cidrs",
+        "8.8.8.8",
+    ]);
+    assert!(!ok && err.contains("--external-ip-cidrs"), "{err}");
 }
