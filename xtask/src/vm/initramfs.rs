@@ -64,7 +64,9 @@ export PATH=/usr/sbin:/usr/bin:/sbin:/bin LBVM_IP=/usr/sbin/ip
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
-mount -t tmpfs tmpfs /tmp
+# /tmp stays on the initramfs (in memory already): a tmpfs there would hide the
+# workspace's binaries of a checkout under /tmp, which sit at their own paths.
+mkdir -p /tmp && chmod 1777 /tmp
 mount -t tmpfs tmpfs /run
 mkdir -p /sys/fs/bpf /run/netns /sys/fs/cgroup
 mount -t bpf bpffs /sys/fs/bpf
