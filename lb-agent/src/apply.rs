@@ -17,6 +17,12 @@
 //! removed after it, so a header flagged [`SVC_F_SOURCE_RANGES`] never meets a half-written
 //! list that would drop allowed clients; ranges are keyed by service id, which is stable.
 //!
+//! A frontend's Maglev table (`lb.dev/backend-selection: maglev`) is written after the
+//! backends it names and before the header that flags it; it is recomputed (and
+//! rewritten) only when the frontend's active backends change, before the backends it
+//! no longer names stop being active, and deleted after the header stops flagging it.
+//! So every entry of a table the datapath can reach names an active backend.
+//!
 //! A removed backend's slot is refilled in place by a new backend (swap-in), or by the last
 //! slot when the Service shrinks (swap-remove), so the slots of unchanged backends are
 //! never written.
@@ -38,15 +44,17 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
     net::Ipv4Addr,
+    sync::Arc,
 };
 
 use lb_common::{
-    BACKEND_ACTIVE, BACKEND_F_SNAT, BACKEND_TERMINATING, Backend, SVC_F_ADDR_MARKER,
-    SVC_F_AFFINITY, SVC_F_DROP_EMPTY, SVC_F_EXTERNAL, SVC_F_SOURCE_RANGES, ServiceKey,
-    ServiceValue, SourceRangeKey, capacity, map_names, proto,
+    BACKEND_ACTIVE, BACKEND_F_SNAT, BACKEND_TERMINATING, Backend, MAGLEV_TABLE_SIZE,
+    SVC_F_ADDR_MARKER, SVC_F_AFFINITY, SVC_F_DROP_EMPTY, SVC_F_EXTERNAL, SVC_F_MAGLEV,
+    SVC_F_SOURCE_RANGES, ServiceKey, ServiceValue, SourceRangeKey, capacity, map_names, proto,
 };
 
 use crate::{
+    maglev,
     maps::{MapError, ServiceMaps},
     model::{
         BackendAddr, Cidr, Desired, DesiredService, Frontend, FrontendKind, ObjectRef, Problem,
@@ -139,6 +147,8 @@ struct FrontendState {
     backends: BTreeMap<u32, Backend>,
     /// The source ranges of this frontend's service id.
     ranges: BTreeSet<Cidr>,
+    /// The Maglev table of this frontend's service id: the backend id of each entry.
+    maglev: Option<Arc<[u32]>>,
 }
 
 impl FrontendState {
@@ -150,6 +160,7 @@ impl FrontendState {
             slots: Vec::new(),
             backends: BTreeMap::new(),
             ranges: BTreeSet::new(),
+            maglev: None,
         }
     }
 
@@ -160,7 +171,7 @@ impl FrontendState {
 }
 
 /// One map write.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum Op {
     PutService(ServiceKey, ServiceValue),
     DelService(ServiceKey),
@@ -168,10 +179,12 @@ enum Op {
     DelBackend(u32),
     PutRange(SourceRangeKey, u8),
     DelRange(SourceRangeKey, u8),
+    PutMaglev(u32, Arc<[u32]>),
+    DelMaglev(u32),
 }
 
 /// A write and the write that undoes it.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Step {
     op: Op,
     undo: Op,
@@ -194,6 +207,8 @@ pub struct Applier {
     /// Source ranges found at adoption that belong to no frontend, deleted by the next
     /// sync before any new frontend could take their service id.
     stray_ranges: Vec<(SourceRangeKey, u8)>,
+    /// Maglev tables found at adoption that belong to no frontend, likewise.
+    stray_maglev: Vec<u32>,
     /// Frontends whose last update failed, retried by the next [`Applier::sync_frontends`].
     retry: BTreeSet<Frontend>,
     /// Addresses whose marker could not be written or deleted, likewise.
@@ -201,6 +216,7 @@ pub struct Applier {
     /// Map sizes, for messages.
     services_capacity: u32,
     backends_capacity: u32,
+    maglev_capacity: u32,
 }
 
 impl Default for Applier {
@@ -213,10 +229,12 @@ impl Default for Applier {
             stray_services: Vec::new(),
             stray_backends: BTreeSet::new(),
             stray_ranges: Vec::new(),
+            stray_maglev: Vec::new(),
             retry: BTreeSet::new(),
             retry_markers: BTreeSet::new(),
             services_capacity: capacity::SERVICES,
             backends_capacity: capacity::BACKENDS,
+            maglev_capacity: capacity::MAGLEV,
         }
     }
 }
@@ -296,10 +314,16 @@ impl<M: ServiceMaps> Writer<'_, M> {
             Op::DelBackend(id) => self.maps.del_backend(*id)?,
             Op::PutRange(k, len) => self.maps.put_source_range(k, *len)?,
             Op::DelRange(k, len) => self.maps.del_source_range(k, *len)?,
+            Op::PutMaglev(id, table) => self.maps.put_maglev(*id, table)?,
+            Op::DelMaglev(id) => self.maps.del_maglev(*id)?,
         }
         match op {
-            Op::PutService(..) | Op::PutBackend(..) | Op::PutRange(..) => self.stats.writes += 1,
-            Op::DelService(_) | Op::DelBackend(_) | Op::DelRange(..) => self.stats.deletes += 1,
+            Op::PutService(..) | Op::PutBackend(..) | Op::PutRange(..) | Op::PutMaglev(..) => {
+                self.stats.writes += 1
+            }
+            Op::DelService(_) | Op::DelBackend(_) | Op::DelRange(..) | Op::DelMaglev(_) => {
+                self.stats.deletes += 1
+            }
         }
         Ok(())
     }
@@ -360,15 +384,22 @@ impl Applier {
         self
     }
 
+    /// Sets the Maglev map size used in messages (default: `lb_common::capacity`).
+    pub fn with_maglev_capacity(mut self, tables: u32) -> Self {
+        self.maglev_capacity = tables;
+        self
+    }
+
     /// Rebuilds the mirror from what the maps hold (after an agent restart), so that
     /// service and backend ids stay the same. Entries that fit no consistent frontend
     /// (slots past the count or without a header, a header with a duplicate or zero service
-    /// id, backends of no frontend) are deleted by the first sync; slots naming a missing
-    /// backend or another frontend's backend are rewritten by it.
+    /// id, backends or Maglev tables of no frontend) are deleted by the first sync; slots
+    /// naming a missing backend or another frontend's backend are rewritten by it.
     pub fn adopt(maps: &impl ServiceMaps) -> Result<Self, ApplyError> {
         let services = maps.services().map_err(ApplyError::Read)?;
         let backends = maps.backends().map_err(ApplyError::Read)?;
         let ranges = maps.source_ranges().map_err(ApplyError::Read)?;
+        let tables = maps.maglev_tables().map_err(ApplyError::Read)?;
         let mut me = Self::new();
         // Frontend entries grouped by key without the slot; BTreeMap order puts slot 0
         // first, so a stray frontend loses its header before its slots.
@@ -452,6 +483,15 @@ impl Applier {
                     });
                 }
                 _ => me.stray_ranges.push((k, len)),
+            }
+        }
+        for (id, table) in tables {
+            let owner = by_service_id
+                .get(&id)
+                .and_then(|fe| me.frontends.get_mut(fe));
+            match owner {
+                Some(st) if table.len() == MAGLEV_TABLE_SIZE => st.maglev = Some(table),
+                _ => me.stray_maglev.push(id),
             }
         }
         me.service_ids = Ids::from_used(&by_service_id.keys().copied().collect());
@@ -545,6 +585,12 @@ impl Applier {
                 self.stray_ranges.push((k, len));
             }
         }
+        let stray = std::mem::take(&mut self.stray_maglev);
+        for id in stray {
+            if w.apply(&Op::DelMaglev(id)).is_err() {
+                self.stray_maglev.push(id);
+            }
+        }
 
         // Removals first, then updates that do not grow, then the rest: what leaves makes
         // room for what comes.
@@ -589,6 +635,7 @@ impl Applier {
             *self = Self {
                 services_capacity: self.services_capacity,
                 backends_capacity: self.backends_capacity,
+                maglev_capacity: self.maglev_capacity,
                 retry: std::mem::take(&mut self.retry),
                 retry_markers: std::mem::take(&mut self.retry_markers),
                 ..fresh
@@ -743,12 +790,14 @@ impl Applier {
         }
         let slots = layout_slots(&old.slots, &active);
         debug_assert!(slots.len() <= usize::from(count));
+        let maglev = (d.maglev && !d.active.is_empty()).then(|| maglev_entries(old, d, &ids));
         let mut flags = 0;
         for (on, flag) in [
             (d.affinity_timeout_s.is_some(), SVC_F_AFFINITY),
             (d.source_ranges.is_some(), SVC_F_SOURCE_RANGES),
             (d.drop_when_empty, SVC_F_DROP_EMPTY),
             (d.kind != FrontendKind::ClusterIp, SVC_F_EXTERNAL),
+            (maglev.is_some(), SVC_F_MAGLEV),
         ] {
             if on {
                 flags |= flag;
@@ -768,6 +817,7 @@ impl Applier {
             slots,
             backends,
             ranges: d.source_ranges.iter().flatten().copied().collect(),
+            maglev,
         })
     }
 
@@ -867,6 +917,8 @@ impl Applier {
         }
         if e.map == map_names::BACKENDS {
             format!("backends map is full ({} entries)", self.backends_capacity)
+        } else if e.map == map_names::MAGLEV {
+            format!("Maglev map is full ({} tables)", self.maglev_capacity)
         } else {
             format!("services map is full ({} entries)", self.services_capacity)
         }
@@ -882,6 +934,11 @@ impl Applier {
         self.frontends.get(fe).map(|st| st.service_id)
     }
 
+    /// The Maglev table of `fe` (backend id of each entry), if it has one in the maps.
+    pub fn maglev_table(&self, fe: &Frontend) -> Option<Arc<[u32]>> {
+        self.frontends.get(fe)?.maglev.clone()
+    }
+
     /// The backend id of `backend` under `fe`, if it is in the maps.
     pub fn backend_id(&self, fe: &Frontend, backend: &BackendAddr) -> Option<u32> {
         let st = self.frontends.get(fe)?;
@@ -890,6 +947,39 @@ impl Applier {
             .find(|(_, b)| backend_addr(b) == *backend)
             .map(|(id, _)| *id)
     }
+}
+
+/// The Maglev table of `d`'s active backends as backend ids (`ids` gives each its id):
+/// the one `old` has if the active backends and their ids are the same, as the table
+/// depends on nothing else; computed otherwise.
+fn maglev_entries(
+    old: &FrontendState,
+    d: &DesiredService,
+    ids: &BTreeMap<BackendAddr, u32>,
+) -> Arc<[u32]> {
+    if let Some(table) = &old.maglev {
+        let had: BTreeMap<BackendAddr, u32> = old
+            .backends
+            .iter()
+            .filter(|(_, b)| b.state == BACKEND_ACTIVE)
+            .map(|(id, b)| (backend_addr(b), *id))
+            .collect();
+        if had.len() == d.active.len() && d.active.iter().all(|a| had.get(a) == ids.get(a)) {
+            return table.clone();
+        }
+    }
+    let table = maglev::table(&d.active);
+    // Every active backend has an id: `target` gave one to each.
+    let by_index: Vec<u32> = table
+        .backends
+        .iter()
+        .map(|a| ids.get(a).copied().unwrap_or(0))
+        .collect();
+    table
+        .entries
+        .iter()
+        .map(|i| by_index[*i as usize])
+        .collect()
 }
 
 /// The new slot vector: backends that stay keep their slots, new ones fill the holes of
@@ -953,6 +1043,19 @@ fn transition(fe: &Frontend, old: &FrontendState, new: &FrontendState) -> Vec<St
             });
         }
     }
+    // The Maglev table, once the backends it names are written (and before those it no
+    // longer names stop being active, below).
+    if let Some(table) = &new.maglev
+        && old.maglev.as_ref() != Some(table)
+    {
+        steps.push(Step {
+            op: Op::PutMaglev(new.service_id, table.clone()),
+            undo: match &old.maglev {
+                Some(before) => Op::PutMaglev(old.service_id, before.clone()),
+                None => Op::DelMaglev(new.service_id),
+            },
+        });
+    }
     let (old_len, new_len) = (old.slots.len(), new.slots.len());
     for i in 0..old_len.min(new_len) {
         if old.slots[i] != new.slots[i] {
@@ -988,6 +1091,13 @@ fn transition(fe: &Frontend, old: &FrontendState, new: &FrontendState) -> Vec<St
             });
         }
     }
+    // A table the header no longer asks for.
+    if let (Some(before), None) = (&old.maglev, &new.maglev) {
+        steps.push(Step {
+            op: Op::DelMaglev(old.service_id),
+            undo: Op::PutMaglev(old.service_id, before.clone()),
+        });
+    }
     // Backends leaving the slots become terminating only now, and the ones no longer
     // known go last.
     for (id, b) in &new.backends {
@@ -1020,7 +1130,7 @@ fn transition(fe: &Frontend, old: &FrontendState, new: &FrontendState) -> Vec<St
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::maps::{MemMaps, MemOp};
+    use crate::maps::{MaglevTables, MemMaps, MemOp};
 
     fn fe(last: u8, port: u16) -> Frontend {
         Frontend {
@@ -1057,6 +1167,7 @@ pub(crate) mod tests {
             source_ranges: None,
             drop_when_empty: false,
             snat: Vec::new(),
+            maglev: false,
         }
     }
 
@@ -1075,6 +1186,32 @@ pub(crate) mod tests {
     /// Checks the datapath invariant on a map state: every slot 1..=count of every
     /// frontend names an existing, active backend of that frontend's service.
     fn invariant(m: &MemMaps) -> Result<(), String> {
+        invariant_cached(m, &mut TableIds::default())
+    }
+
+    /// The backend ids each Maglev table names (sorted, without duplicates), by table.
+    /// The key holds the table, so its address is not reused while it is cached.
+    #[derive(Default)]
+    struct TableIds(Vec<(Arc<[u32]>, Vec<u32>)>);
+
+    impl TableIds {
+        fn of(&mut self, table: &Arc<[u32]>) -> &[u32] {
+            let i = match self.0.iter().position(|(t, _)| Arc::ptr_eq(t, table)) {
+                Some(i) => i,
+                None => {
+                    let mut ids = table.to_vec();
+                    ids.sort_unstable();
+                    ids.dedup();
+                    self.0.push((table.clone(), ids));
+                    self.0.len() - 1
+                }
+            };
+            &self.0[i].1
+        }
+    }
+
+    /// [`invariant`], with the ids of the tables seen before in `tables`.
+    fn invariant_cached(m: &MemMaps, tables: &mut TableIds) -> Result<(), String> {
         for (k, v) in &m.services {
             if k.slot != 0 || v.flags & SVC_F_ADDR_MARKER != 0 {
                 continue;
@@ -1102,14 +1239,76 @@ pub(crate) mod tests {
                     }
                 }
             }
+            if v.flags & SVC_F_MAGLEV != 0 {
+                maglev_invariant(m, k, v, tables)?;
+            }
         }
         Ok(())
+    }
+
+    /// A header flagged Maglev has a full table whose every entry names an existing,
+    /// active backend of its service.
+    fn maglev_invariant(
+        m: &MemMaps,
+        k: &ServiceKey,
+        v: &ServiceValue,
+        tables: &mut TableIds,
+    ) -> Result<(), String> {
+        let Some(table) = m.maglev.get(&v.service_id) else {
+            return Err(format!("{k:?}: flagged Maglev without a table"));
+        };
+        if table.len() != MAGLEV_TABLE_SIZE {
+            return Err(format!("{k:?}: Maglev table of {} entries", table.len()));
+        }
+        for id in tables.of(table) {
+            match m.backends.get(id) {
+                Some(be) if be.service_id == v.service_id && be.state == BACKEND_ACTIVE => {}
+                other => {
+                    return Err(format!(
+                        "{k:?}: Maglev entry names backend {id}, which is {other:?}"
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The maps hold a Maglev table for exactly the headers flagged Maglev, which are the
+    /// frontends of `d` that ask for it and have active backends; each table names, entry
+    /// by entry, the backends that [`maglev::table`] gives for the frontend's active
+    /// backends. Frontends missing from the maps (a failed update) are skipped.
+    fn check_maglev(m: &MemMaps, d: &Desired) {
+        for (f, ds) in &d.services {
+            let Some(head) = m.services.get(&key(f, 0)) else {
+                continue;
+            };
+            let want = ds.maglev && !ds.active.is_empty();
+            assert_eq!(head.flags & SVC_F_MAGLEV != 0, want, "{f}");
+            if !want {
+                continue;
+            }
+            let table = &m.maglev[&head.service_id];
+            let reference = maglev::table(&ds.active);
+            for (i, id) in table.iter().enumerate() {
+                let got = backend_addr(&m.backends[id]);
+                assert_eq!(Some(got), reference.backend(i), "{f}: entry {i}");
+            }
+        }
+        let flagged: BTreeSet<u32> = m
+            .services
+            .iter()
+            .filter(|(k, v)| k.slot == 0 && v.flags & SVC_F_MAGLEV != 0)
+            .map(|(_, v)| v.service_id)
+            .collect();
+        let present: BTreeSet<u32> = m.maglev.keys().copied().collect();
+        assert_eq!(present, flagged);
     }
 
     /// Replays the op log from `start`, checking the invariant after every op.
     pub(crate) fn replay_invariant(start: &MemMaps, log: &[MemOp]) {
         let mut m = start.clone();
         m.log.clear();
+        let mut tables = TableIds::default();
         for (i, op) in log.iter().enumerate() {
             match op {
                 MemOp::PutService(k, v) => {
@@ -1130,8 +1329,14 @@ pub(crate) mod tests {
                 MemOp::DelSourceRange(k, len) => {
                     m.source_ranges.remove(&(*k, *len));
                 }
+                MemOp::PutMaglev(id, table) => {
+                    m.maglev.insert(*id, table.clone());
+                }
+                MemOp::DelMaglev(id) => {
+                    m.maglev.remove(id);
+                }
             }
-            if let Err(e) = invariant(&m) {
+            if let Err(e) = invariant_cached(&m, &mut tables) {
                 panic!("invariant broken after op {i} ({op:?}): {e}\nlog: {log:#?}");
             }
         }
@@ -1721,6 +1926,100 @@ pub(crate) mod tests {
         assert_eq!(sync(&mut a, &d, &mut m), SyncStats::default());
     }
 
+    /// The log as short labels: `b+3`/`b-3` (backend 3 put/deleted), `s2`/`s-2` (slot 2),
+    /// `h`/`h-` (header), `m+`/`m-` (Maglev table); markers and ranges are left out.
+    fn labels(log: &[MemOp]) -> Vec<String> {
+        log.iter()
+            .filter_map(|op| {
+                Some(match op {
+                    MemOp::PutBackend(id, _) => format!("b+{id}"),
+                    MemOp::DelBackend(id) => format!("b-{id}"),
+                    MemOp::PutService(k, _) if k.port_be == 0 => return None,
+                    MemOp::DelService(k) if k.port_be == 0 => return None,
+                    MemOp::PutService(k, _) if k.slot == 0 => "h".to_owned(),
+                    MemOp::DelService(k) if k.slot == 0 => "h-".to_owned(),
+                    MemOp::PutService(k, _) => format!("s{}", k.slot),
+                    MemOp::DelService(k) => format!("s-{}", k.slot),
+                    MemOp::PutMaglev(..) => "m+".to_owned(),
+                    MemOp::DelMaglev(_) => "m-".to_owned(),
+                    MemOp::PutSourceRange(..) | MemOp::DelSourceRange(..) => return None,
+                })
+            })
+            .collect()
+    }
+
+    #[test]
+    fn maglev_table_follows_the_active_backends_in_the_safe_order() {
+        let mut a = Applier::new();
+        let mut m = MemMaps::default();
+        let f = fe(10, 80);
+        let maglev = |active: &[u8], terminating: &[u8], affinity| DesiredService {
+            maglev: true,
+            kind: FrontendKind::NodePort,
+            ..svc(active, terminating, affinity)
+        };
+        // New: backends, then the table, then slots and the header that flags it.
+        let d = desired(&[(f, maglev(&[1, 2, 3], &[], None))]);
+        sync(&mut a, &d, &mut m);
+        assert_eq!(
+            labels(&m.log),
+            ["b+1", "b+2", "b+3", "m+", "s1", "s2", "s3", "h"]
+        );
+        assert_eq!(m.services[&key(&f, 0)].flags, SVC_F_EXTERNAL | SVC_F_MAGLEV);
+        check_maglev(&m, &d);
+        let table = a.maglev_table(&f).expect("table");
+        assert_eq!(*m.maglev[&1], *table);
+        // The same backends: nothing written, even when the header changes.
+        assert_eq!(sync(&mut a, &d, &mut m), SyncStats::default());
+        let d = desired(&[(f, maglev(&[1, 2, 3], &[], Some(60)))]);
+        sync(&mut a, &d, &mut m);
+        assert_eq!(labels(&m.log), ["h"]);
+        // A backend starts terminating: the new table first, then the backend's state.
+        let d = desired(&[(f, maglev(&[1, 3], &[2], Some(60)))]);
+        sync(&mut a, &d, &mut m);
+        assert_eq!(labels(&m.log), ["m+", "s2", "h", "s-3", "b+2"]);
+        check_maglev(&m, &d);
+        // After a restart the table is adopted as it is: nothing to write.
+        let mut a = Applier::adopt(&m).unwrap();
+        assert_eq!(sync(&mut a, &d, &mut m), SyncStats::default());
+        // No active backend: no table, and the header stops asking for one first.
+        let d = desired(&[(f, maglev(&[], &[1, 2, 3], Some(60)))]);
+        sync(&mut a, &d, &mut m);
+        assert_eq!(labels(&m.log), ["h", "s-1", "s-2", "m-", "b+1", "b+3"]);
+        assert!(m.maglev.is_empty());
+        // Back, then back to random selection, then gone.
+        let d = desired(&[(f, maglev(&[1, 2, 3], &[], None))]);
+        sync(&mut a, &d, &mut m);
+        check_maglev(&m, &d);
+        let random = DesiredService {
+            maglev: false,
+            ..maglev(&[1, 2, 3], &[], None)
+        };
+        let d = desired(&[(f, random)]);
+        sync(&mut a, &d, &mut m);
+        assert_eq!(labels(&m.log), ["h", "m-"]);
+        sync(&mut a, &d, &mut m);
+        let d = desired(&[(f, maglev(&[1, 2, 3], &[], None))]);
+        sync(&mut a, &d, &mut m);
+        assert_eq!(labels(&m.log), ["m+", "h"]);
+        sync(&mut a, &desired(&[]), &mut m);
+        assert_eq!(
+            labels(&m.log),
+            ["h-", "s-1", "s-2", "s-3", "m-", "b-1", "b-2", "b-3"]
+        );
+        assert!(m.maglev.is_empty() && m.services.is_empty() && m.backends.is_empty());
+    }
+
+    #[test]
+    fn adoption_deletes_maglev_tables_of_no_frontend() {
+        let mut m = MemMaps::default();
+        m.put_maglev(9, &[1; MAGLEV_TABLE_SIZE]).unwrap();
+        let mut a = Applier::adopt(&m).unwrap();
+        let stats = sync(&mut a, &desired(&[]), &mut m);
+        assert_eq!(stats.deletes, 1);
+        assert!(m.maglev.is_empty());
+    }
+
     #[test]
     fn layout_keeps_positions_swaps_in_and_swap_removes() {
         assert_eq!(layout_slots(&[1, 2, 3, 4], &[1, 3, 4]), [1, 4, 3]);
@@ -1772,6 +2071,17 @@ pub(crate) mod tests {
         fn del_source_range(&mut self, k: &SourceRangeKey, len: u8) -> Result<(), MapError> {
             self.check("remove")?;
             self.inner.del_source_range(k, len)
+        }
+        fn maglev_tables(&self) -> Result<MaglevTables, MapError> {
+            self.inner.maglev_tables()
+        }
+        fn put_maglev(&mut self, id: u32, table: &[u32]) -> Result<(), MapError> {
+            self.check("insert")?;
+            self.inner.put_maglev(id, table)
+        }
+        fn del_maglev(&mut self, id: u32) -> Result<(), MapError> {
+            self.check("remove")?;
+            self.inner.del_maglev(id)
         }
     }
 
@@ -1849,9 +2159,14 @@ pub(crate) mod tests {
             }
             let affinity = (rng.below(3) == 0).then(|| rng.below(100) as u32 + 1);
             let port = 80 + rng.below(2) as u16 + u16::from(nr);
+            // Rarely: a table costs milliseconds to compute and check in a debug build.
+            let maglev = rng.below(6) == 0;
             entries.push((
                 fe(10 + nr % 3, port),
-                owned(&format!("s{nr}"), &active, &terminating, affinity),
+                DesiredService {
+                    maglev,
+                    ..owned(&format!("s{nr}"), &active, &terminating, affinity)
+                },
             ));
         }
         desired(&entries)
@@ -1913,6 +2228,7 @@ pub(crate) mod tests {
             let stats = sync(&mut a, &d, &mut m);
             assert!(stats.failed.is_empty(), "round {round}");
             assert_eq!(rendering(&m), expected(&d), "round {round}");
+            check_maglev(&m, &d);
             assert_eq!(
                 sync(&mut a, &d, &mut m),
                 SyncStats::default(),

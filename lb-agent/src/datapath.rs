@@ -393,6 +393,7 @@ fn expected_layout(name: &str) -> Option<(u32, u32)> {
             size_of::<lb_common::AffinityValue>(),
         ),
         map_names::SOURCE_RANGES => (SOURCE_RANGE_KEY_LEN, size_of::<u32>()),
+        map_names::MAGLEV => (size_of::<u32>(), size_of::<lb_common::MaglevTable>()),
         lb_common::sock::MAP => (
             size_of::<lb_common::SockNatKey>(),
             size_of::<lb_common::SockNatValue>(),
@@ -441,6 +442,10 @@ pub struct MapSizes {
     pub ct: u32,
     /// Session affinity: one entry per (client, Service) pair.
     pub affinity: u32,
+    /// Maglev tables: one per frontend of a Service with `lb.dev/backend-selection:
+    /// maglev`. Each takes 64 KiB, allocated when written (the map is not preallocated),
+    /// so this bounds the memory rather than reserving it.
+    pub maglev: u32,
 }
 
 impl Default for MapSizes {
@@ -451,17 +456,19 @@ impl Default for MapSizes {
             backends: capacity::BACKENDS,
             ct: capacity::CT,
             affinity: capacity::AFFINITY,
+            maglev: capacity::MAGLEV,
         }
     }
 }
 
 impl MapSizes {
-    fn by_name(&self) -> [(&'static str, u32); 4] {
+    fn by_name(&self) -> [(&'static str, u32); 5] {
         [
             (map_names::SERVICES, self.services),
             (map_names::BACKENDS, self.backends),
             (map_names::CT, self.ct),
             (map_names::AFFINITY, self.affinity),
+            (map_names::MAGLEV, self.maglev),
         ]
     }
 }
@@ -586,10 +593,13 @@ impl Datapath {
         let ranges = self.take_map(map_names::SOURCE_RANGES)?;
         let source_ranges =
             LpmTrie::try_from(ranges).map_err(|e| DatapathError::Load(Box::new(e)))?;
+        let maglev = self.take_map(map_names::MAGLEV)?;
+        let maglev = BpfHashMap::try_from(maglev).map_err(|e| DatapathError::Load(Box::new(e)))?;
         Ok(BpfMaps {
             services,
             backends,
             source_ranges,
+            maglev,
         })
     }
 
@@ -1088,11 +1098,12 @@ fn glob_match(pattern: &[u8], text: &[u8]) -> bool {
     }
 }
 
-/// The services, backends and source ranges maps as the kernel holds them.
+/// The services, backends, source ranges and Maglev maps as the kernel holds them.
 pub struct BpfMaps {
     services: BpfHashMap<MapData, ServiceKey, ServiceValue>,
     backends: BpfHashMap<MapData, u32, Backend>,
     source_ranges: LpmTrie<MapData, SourceRangeKey, u32>,
+    maglev: BpfHashMap<MapData, u32, lb_common::MaglevTable>,
 }
 
 /// The LPM key of a source range: the service id always matches (32 bits), the client
@@ -1217,6 +1228,48 @@ impl ServiceMaps for BpfMaps {
             map_names::SOURCE_RANGES,
             || format!("{key:?}/{len}"),
         )
+    }
+
+    fn maglev_tables(&self) -> Result<crate::maps::MaglevTables, MapError> {
+        let mut out = Vec::new();
+        for entry in self.maglev.iter() {
+            let (id, table) = entry.map_err(|e| MapError {
+                map: map_names::MAGLEV,
+                op: "iterate",
+                key: String::new(),
+                source: map_io(e),
+            })?;
+            out.push((id, table[..].into()));
+        }
+        Ok(out)
+    }
+
+    fn put_maglev(&mut self, service_id: u32, table: &[u32]) -> Result<(), MapError> {
+        let error = |source| MapError {
+            map: map_names::MAGLEV,
+            op: "insert",
+            key: service_id.to_string(),
+            source,
+        };
+        let table: &lb_common::MaglevTable = table.try_into().map_err(|_| {
+            error(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "a table of {} entries, {} expected",
+                    table.len(),
+                    lb_common::MAGLEV_TABLE_SIZE
+                ),
+            ))
+        })?;
+        self.maglev
+            .insert(service_id, table, 0)
+            .map_err(|e| error(map_io(e)))
+    }
+
+    fn del_maglev(&mut self, service_id: u32) -> Result<(), MapError> {
+        removed(self.maglev.remove(&service_id), map_names::MAGLEV, || {
+            service_id.to_string()
+        })
     }
 }
 

@@ -11,6 +11,7 @@ pub mod frames;
 pub mod healthcheck;
 pub mod http;
 pub mod kube_source;
+pub mod maglev;
 pub mod manifests;
 pub mod maps;
 pub mod model;

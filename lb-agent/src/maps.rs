@@ -1,9 +1,10 @@
-//! The one seam between the control plane and the kernel: the service and backend tables.
+//! The one seam between the control plane and the kernel: the service and backend tables
+//! (with their source ranges and Maglev tables).
 //!
 //! [`ServiceMaps`] is implemented by the real pinned BPF maps (`datapath::BpfMaps`) and by
 //! [`MemMaps`], an in-memory model used by unit tests of the diff-and-apply logic. Nothing
 //! above this trait knows it talks to BPF.
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, sync::Arc};
 
 use lb_common::{Backend, ServiceKey, ServiceValue, SourceRangeKey};
 
@@ -32,6 +33,9 @@ impl MapError {
     }
 }
 
+/// Maglev tables as read back: (service id, backend id of each entry).
+pub type MaglevTables = Vec<(u32, Arc<[u32]>)>;
+
 /// Read and write access to the services, backends and source ranges maps. A source
 /// range is a [`SourceRangeKey`] (service id, network address) plus the client prefix
 /// length, 0..=32.
@@ -54,6 +58,13 @@ pub trait ServiceMaps {
     fn put_source_range(&mut self, key: &SourceRangeKey, len: u8) -> Result<(), MapError>;
     /// Remove one source range; removing a missing one is not an error.
     fn del_source_range(&mut self, key: &SourceRangeKey, len: u8) -> Result<(), MapError>;
+    /// Every Maglev table: service id -> backend id of each entry.
+    fn maglev_tables(&self) -> Result<MaglevTables, MapError>;
+    /// Insert or replace the Maglev table of `service_id`
+    /// ([`lb_common::MAGLEV_TABLE_SIZE`] entries).
+    fn put_maglev(&mut self, service_id: u32, table: &[u32]) -> Result<(), MapError>;
+    /// Remove the Maglev table of `service_id`; removing a missing one is not an error.
+    fn del_maglev(&mut self, service_id: u32) -> Result<(), MapError>;
 }
 
 /// In-memory [`ServiceMaps`] with optional capacities, for tests of the apply logic.
@@ -65,6 +76,8 @@ pub struct MemMaps {
     pub backends: BTreeMap<u32, Backend>,
     /// Source ranges.
     pub source_ranges: std::collections::BTreeSet<(SourceRangeKey, u8)>,
+    /// Maglev tables by service id.
+    pub maglev: BTreeMap<u32, Arc<[u32]>>,
     /// Maximum number of services entries (`None`: unbounded).
     pub services_capacity: Option<usize>,
     /// Every write in order, for tests that check ordering and incrementality.
@@ -86,6 +99,10 @@ pub enum MemOp {
     PutSourceRange(SourceRangeKey, u8),
     /// `del_source_range`.
     DelSourceRange(SourceRangeKey, u8),
+    /// `put_maglev`.
+    PutMaglev(u32, Arc<[u32]>),
+    /// `del_maglev`.
+    DelMaglev(u32),
 }
 
 impl ServiceMaps for MemMaps {
@@ -145,6 +162,23 @@ impl ServiceMaps for MemMaps {
     fn del_source_range(&mut self, key: &SourceRangeKey, len: u8) -> Result<(), MapError> {
         self.source_ranges.remove(&(*key, len));
         self.log.push(MemOp::DelSourceRange(*key, len));
+        Ok(())
+    }
+
+    fn maglev_tables(&self) -> Result<MaglevTables, MapError> {
+        Ok(self.maglev.iter().map(|(k, v)| (*k, v.clone())).collect())
+    }
+
+    fn put_maglev(&mut self, service_id: u32, table: &[u32]) -> Result<(), MapError> {
+        let table: Arc<[u32]> = table.into();
+        self.maglev.insert(service_id, table.clone());
+        self.log.push(MemOp::PutMaglev(service_id, table));
+        Ok(())
+    }
+
+    fn del_maglev(&mut self, service_id: u32) -> Result<(), MapError> {
+        self.maglev.remove(&service_id);
+        self.log.push(MemOp::DelMaglev(service_id));
         Ok(())
     }
 }

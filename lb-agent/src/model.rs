@@ -28,6 +28,9 @@
 //!   applied per locality (local ready ones, else local serving-terminating ones). When a
 //!   policy leaves a frontend without endpoints while the Service has some elsewhere, its
 //!   traffic is dropped; a Service without any usable endpoint is rejected.
+//! - Beyond kube-proxy: the annotation `lb.dev/backend-selection: maglev` gives a Service's
+//!   NodePorts, externalIPs and LoadBalancer IPs Maglev consistent hashing, so that every
+//!   node picks the same backend for a client flow (`random`, the default, picks any).
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
@@ -52,6 +55,9 @@ pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
 pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
 /// Largest affinity timeout the API accepts (one day).
 pub const MAX_AFFINITY_TIMEOUT_S: u32 = 86_400;
+/// Service annotation that chooses how new flows pick a backend: `random` (the default)
+/// or `maglev`.
+pub const ANNOTATION_BACKEND_SELECTION: &str = "lb.dev/backend-selection";
 
 /// Names an object in messages: `Service default/web`.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -406,6 +412,10 @@ pub struct DesiredService {
     /// this north-south frontend: their flows get the node's address as source, so that
     /// replies come back through this node. Sorted; empty for ClusterIPs.
     pub snat: Vec<BackendAddr>,
+    /// New flows pick their backend by Maglev consistent hashing of the client address
+    /// and port, the same on every node ([`ANNOTATION_BACKEND_SELECTION`]); only for
+    /// north-south frontends.
+    pub maglev: bool,
 }
 
 /// The desired tables plus everything that was wrong with the input.
@@ -435,6 +445,7 @@ impl Desired {
                     "source_ranges": svc.source_ranges.as_ref().map(|r| r.iter().map(ToString::to_string).collect::<Vec<_>>()),
                     "drop_when_empty": svc.drop_when_empty,
                     "snat": svc.snat.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                    "backend_selection": if svc.maglev { "maglev" } else { "random" },
                 })
             })
             .collect();
@@ -647,6 +658,10 @@ pub fn service_claims(
     if let Some(reason) = affinity_problem {
         problems.insert(Problem::new(owner.clone(), reason));
     }
+    let (maglev, selection_problem) = backend_selection(svc);
+    if let Some(reason) = selection_problem {
+        problems.insert(Problem::new(owner.clone(), reason));
+    }
     let endpoints = endpoints_of(objects, ns, name, slices, &ctx.node_name);
     let north_south = NorthSouth::of(
         svc,
@@ -730,6 +745,9 @@ pub fn service_claims(
                 } else {
                     Vec::new()
                 },
+                // A ClusterIP is served by the client's own node: consistency between
+                // nodes buys nothing there, and each table costs 64 KiB of kernel memory.
+                maglev: maglev && kind.is_external(),
             }
         };
         let mut wanted: Vec<(Frontend, FrontendKind)> = Vec::new();
@@ -913,6 +931,27 @@ fn cluster_ips(spec: &ServiceSpec) -> Vec<String> {
         (Some(ips), _) if !ips.is_empty() => ips.clone(),
         (_, Some(ip)) if !ip.is_empty() => vec![ip.clone()],
         _ => Vec::new(),
+    }
+}
+
+/// Whether the Service asks for Maglev backend selection, and a note when its annotation
+/// has a value other than `maglev` or `random` (then `random` applies).
+fn backend_selection(svc: &Service) -> (bool, Option<String>) {
+    let value = svc
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(ANNOTATION_BACKEND_SELECTION));
+    match value.map(String::as_str) {
+        None | Some("random") => (false, None),
+        Some("maglev") => (true, None),
+        Some(other) => (
+            false,
+            Some(format!(
+                "annotation {ANNOTATION_BACKEND_SELECTION}: {other:?} is neither \"maglev\" \
+                 nor \"random\"; using random"
+            )),
+        ),
     }
 }
 
@@ -1260,6 +1299,15 @@ pub mod fixtures {
             self.0
                 .metadata
                 .labels
+                .get_or_insert_with(BTreeMap::new)
+                .insert(k.to_owned(), v.to_owned());
+            self
+        }
+        /// Annotation `k: v`.
+        pub fn annotation(mut self, k: &str, v: &str) -> Self {
+            self.0
+                .metadata
+                .annotations
                 .get_or_insert_with(BTreeMap::new)
                 .insert(k.to_owned(), v.to_owned());
             self
@@ -2081,6 +2129,55 @@ mod tests {
                     .on("node-b")
                     .port("http", 8080, "TCP"),
             )
+    }
+
+    #[test]
+    fn maglev_annotation_applies_to_north_south_frontends_and_a_bad_value_is_reported() {
+        let selection = |value: Option<&str>| {
+            let world = web_np(|s| {
+                let s = s.external_ips(&["203.0.113.7"]);
+                match value {
+                    Some(v) => s.annotation(ANNOTATION_BACKEND_SELECTION, v),
+                    None => s,
+                }
+            })
+            // Another Service, without the annotation, is never affected.
+            .svc(
+                svc("default", "other")
+                    .cluster_ip("10.96.0.11")
+                    .port("", 80, "TCP", "80"),
+            );
+            let d = desired_state(&world.0, &node());
+            let maglev: Vec<(String, bool)> = d
+                .services
+                .iter()
+                .map(|(fe, s)| (fe.to_string(), s.maglev))
+                .collect();
+            (maglev, texts(&d))
+        };
+        let all = |cluster_ip: bool, external: bool| {
+            vec![
+                ("10.96.0.10:80/TCP".to_owned(), cluster_ip),
+                ("10.96.0.11:80/TCP".to_owned(), false),
+                ("10.200.0.1:30080/TCP".to_owned(), external),
+                ("192.168.0.10:30080/TCP".to_owned(), external),
+                ("203.0.113.7:80/TCP".to_owned(), external),
+            ]
+        };
+        assert_eq!(selection(Some("maglev")), (all(false, true), vec![]));
+        assert_eq!(selection(Some("random")), (all(false, false), vec![]));
+        assert_eq!(selection(None), (all(false, false), vec![]));
+        assert_eq!(
+            selection(Some("Maglev")),
+            (
+                all(false, false),
+                vec![
+                    "Service default/web: annotation lb.dev/backend-selection: \"Maglev\" is \
+                     neither \"maglev\" nor \"random\"; using random"
+                        .to_owned()
+                ]
+            )
+        );
     }
 
     #[test]

@@ -21,8 +21,8 @@ use lb_agent::{
     },
 };
 use lb_common::{
-    BACKEND_ACTIVE, BACKEND_TERMINATING, Backend, SVC_F_ADDR_MARKER, SVC_F_AFFINITY, ServiceKey,
-    ServiceValue, proto,
+    BACKEND_ACTIVE, BACKEND_TERMINATING, Backend, MAGLEV_TABLE_SIZE, SVC_F_ADDR_MARKER,
+    SVC_F_AFFINITY, ServiceKey, ServiceValue, maglev_flow_hash, proto,
 };
 
 const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 2);
@@ -72,6 +72,7 @@ struct NorthSouth {
     ranges: Option<Vec<Cidr>>,
     drop_when_empty: bool,
     snat: Vec<BackendAddr>,
+    maglev: bool,
 }
 
 impl NorthSouth {
@@ -84,6 +85,7 @@ impl NorthSouth {
             ranges: None,
             drop_when_empty: false,
             snat: Vec::new(),
+            maglev: false,
         }
     }
 }
@@ -169,8 +171,14 @@ impl Fixture {
     }
 
     /// Programs `frontends` (kind, address, port, backends, source ranges, drop when empty)
-    /// through the agent's own model types and applier.
-    fn north_south(&mut self, frontends: &[NorthSouth]) {
+    /// through the agent's own model types and applier, and returns the applier (which
+    /// knows the ids it gave).
+    fn north_south(&mut self, frontends: &[NorthSouth]) -> Applier {
+        self.north_south_with(Applier::new(), frontends)
+    }
+
+    /// [`Fixture::north_south`] through `applier`, which knows what it programmed before.
+    fn north_south_with(&mut self, mut applier: Applier, frontends: &[NorthSouth]) -> Applier {
         let mut desired = Desired::default();
         for f in frontends {
             desired.services.insert(
@@ -196,11 +204,13 @@ impl Fixture {
                     source_ranges: f.ranges.clone(),
                     drop_when_empty: f.drop_when_empty,
                     snat: f.snat.clone(),
+                    maglev: f.maglev,
                 },
             );
         }
-        let stats = Applier::new().sync(&desired, &mut self.maps).expect("sync");
+        let stats = applier.sync(&desired, &mut self.maps).expect("sync");
         assert!(stats.failed.is_empty(), "{:?}", stats.failed);
+        applier
     }
 
     /// The datapath's counters, by reason name (ingress and egress summed).
@@ -1042,4 +1052,121 @@ fn client_on_another_node_reaching_itself_is_left_to_source_nat() {
     let seen = check(&out, proto::TCP);
     assert_eq!(seen.src, (BACKEND2_IP, CLIENT_PORT));
     assert_eq!(seen.dst, (BACKEND2_IP, BACKEND_PORT));
+}
+
+/// The backends of the Maglev tests: the same set on every node.
+const MAGLEV_BACKENDS: [Ipv4Addr; 4] = [
+    BACKEND_IP,
+    BACKEND2_IP,
+    Ipv4Addr::new(10, 2, 0, 13),
+    Ipv4Addr::new(10, 2, 0, 14),
+];
+
+/// One node of the Maglev tests: its datapath, its NodePort address, and the user-space
+/// table with each entry's backend resolved to its address.
+struct MaglevNode {
+    fx: Fixture,
+    node_ip: Ipv4Addr,
+    table: Vec<Ipv4Addr>,
+}
+
+/// A node with a Maglev NodePort on `node_ip` over `backends`, programmed in the order
+/// given (so that two nodes may number the backends differently).
+fn maglev_node(node_ip: Ipv4Addr, backends: &[Ipv4Addr]) -> MaglevNode {
+    let mut fx = Fixture::new();
+    let mut np = NorthSouth::new(FrontendKind::NodePort, node_ip, NODE_PORT, &[]);
+    let mut applier = Applier::new();
+    let fe = Frontend {
+        addr: node_ip,
+        port: NODE_PORT,
+        proto: Protocol::Tcp,
+    };
+    // One backend at a time: ids follow the order of arrival.
+    np.maglev = true;
+    for n in 1..=backends.len() {
+        np.backends = backends[..n].to_vec();
+        applier = fx.north_south_with(applier, std::slice::from_ref(&np));
+    }
+    let ids: Vec<(u32, Ipv4Addr)> = backends
+        .iter()
+        .map(|addr| {
+            let b = BackendAddr {
+                addr: *addr,
+                port: BACKEND_PORT,
+            };
+            (applier.backend_id(&fe, &b).expect("backend id"), *addr)
+        })
+        .collect();
+    let table = applier.maglev_table(&fe).expect("a Maglev table");
+    assert_eq!(table.len(), MAGLEV_TABLE_SIZE);
+    // What the kernel holds is what the agent computed.
+    let sid = applier.service_id(&fe).expect("service id");
+    let in_map = fx.maps.maglev_tables().expect("read the Maglev map");
+    assert_eq!(in_map.len(), 1);
+    assert_eq!(in_map[0].0, sid);
+    assert_eq!(in_map[0].1, table);
+    let table = table
+        .iter()
+        .map(|id| {
+            ids.iter()
+                .find(|(i, _)| i == id)
+                .map(|(_, addr)| *addr)
+                .unwrap_or_else(|| panic!("entry names unknown backend {id}"))
+        })
+        .collect();
+    MaglevNode { fx, node_ip, table }
+}
+
+impl MaglevNode {
+    /// Sends a SYN from `CLIENT_IP:port` to the NodePort and returns the backend the
+    /// datapath chose, checking it is the one the user-space table gives.
+    fn syn(&self, port: u16) -> Ipv4Addr {
+        let syn = frame(
+            proto::TCP,
+            (CLIENT_IP, port),
+            (self.node_ip, NODE_PORT),
+            0x02,
+        );
+        let (verdict, out) = self.fx.run(INGRESS_PROG, &syn);
+        assert_eq!(verdict, OK);
+        let seen = check(&out, proto::TCP);
+        assert_eq!(seen.src, (CLIENT_IP, port));
+        let h = maglev_flow_hash(be(CLIENT_IP), port.to_be(), NODE_PORT.to_be(), proto::TCP);
+        let want = self.table[h as usize % MAGLEV_TABLE_SIZE];
+        assert_eq!(
+            seen.dst,
+            (want, BACKEND_PORT),
+            "port {port} via {}",
+            self.node_ip
+        );
+        want
+    }
+}
+
+#[test]
+fn maglev_sends_a_client_port_to_its_table_entry_on_every_node() {
+    // Two nodes, each with its own NodePort address, whose agents learnt the backends in
+    // opposite orders (and so gave them other ids).
+    let mut reversed = MAGLEV_BACKENDS;
+    reversed.reverse();
+    let a = maglev_node(NODE_IP, &MAGLEV_BACKENDS);
+    let b = maglev_node(Ipv4Addr::new(10, 1, 0, 254), &reversed);
+    assert_eq!(a.table, b.table, "both nodes compute the same table");
+    let mut reached = std::collections::BTreeSet::new();
+    for port in CLIENT_PORT..CLIENT_PORT + 64 {
+        let chosen = a.syn(port);
+        assert_eq!(b.syn(port), chosen, "port {port}: the nodes disagree");
+        reached.insert(chosen);
+    }
+    assert_eq!(
+        reached.len(),
+        MAGLEV_BACKENDS.len(),
+        "64 client ports reach every backend: {reached:?}"
+    );
+    // Later packets of the flows, and the same flows again on a node whose conntrack
+    // has forgotten them, stay where they are.
+    let fresh = maglev_node(NODE_IP, &reversed);
+    for port in CLIENT_PORT..CLIENT_PORT + 8 {
+        assert_eq!(fresh.syn(port), a.syn(port), "port {port}");
+    }
 }

@@ -26,9 +26,13 @@ pub mod map_names {
     /// `loadBalancerSourceRanges`: LPM trie of (service id, client prefix)
     /// ([`SourceRangeKey`](super::SourceRangeKey)) -> `u32` (always 1).
     pub const SOURCE_RANGES: &str = "LB4_SOURCE_RANGES";
+    /// Maglev lookup tables of the frontends flagged
+    /// [`SVC_F_MAGLEV`](super::SVC_F_MAGLEV): service id (`u32`) ->
+    /// [`MaglevTable`](super::MaglevTable).
+    pub const MAGLEV: &str = "LB4_MAGLEV";
 
     /// Maps pinned under the bpffs root so that they outlive the agent.
-    pub const PINNED: [&str; 5] = [SERVICES, BACKENDS, CT, AFFINITY, SOURCE_RANGES];
+    pub const PINNED: [&str; 6] = [SERVICES, BACKENDS, CT, AFFINITY, SOURCE_RANGES, MAGLEV];
 }
 
 /// Default capacities; the agent may override them at load time.
@@ -43,6 +47,10 @@ pub mod capacity {
     pub const AFFINITY: u32 = 131_072;
     /// Allowed client prefixes over all LoadBalancer frontends.
     pub const SOURCE_RANGES: u32 = 65_536;
+    /// Maglev tables (one per Maglev frontend, 64 KiB each). The map is not
+    /// preallocated, so only the tables in use take memory; this bounds the total at
+    /// 256 MiB.
+    pub const MAGLEV: u32 = 4_096;
 }
 
 /// IP protocol numbers as carried in the IPv4 header.
@@ -125,6 +133,12 @@ pub const SVC_F_DROP_EMPTY: u16 = 1 << 3;
 /// node itself. Only the agent reads this flag (to re-adopt markers after a restart).
 pub const SVC_F_EXTERNAL: u16 = 1 << 4;
 
+/// New flows pick their backend from the frontend's Maglev table ([`map_names::MAGLEV`],
+/// keyed by `service_id`) at [`maglev_flow_hash`] of the packet, so that every node picks
+/// the same backend for the same client flow. Session affinity, when set, is looked at
+/// first. Without a usable table entry the datapath falls back to a random slot.
+pub const SVC_F_MAGLEV: u16 = 1 << 5;
+
 /// Value of the services map.
 ///
 /// In slot 0: `count` is the number of backend slots that new connections may choose
@@ -194,6 +208,51 @@ pub struct Backend {
     pub flags: u8,
     /// Explicit padding, always zero.
     pub _pad: [u8; 3],
+}
+
+/// Entries of a Maglev table ([`MaglevTable`]).
+///
+/// A prime, as the Maglev permutation needs (every skip is then coprime with the size, so
+/// each backend's preference list visits every entry). Balance is within about 1% while
+/// the table has at least 100 entries per backend (up to about 160 backends). The table
+/// (`4 * 16361 = 65444` bytes) leaves 92 bytes of a 64 KiB allocation for the kernel's
+/// header of a hash map element (about 64 bytes): the map is not preallocated, each
+/// element is allocated on its own, and a table a little larger would take 128 KiB.
+pub const MAGLEV_TABLE_SIZE: usize = 16_361;
+
+/// Value of the Maglev map: for each of [`MAGLEV_TABLE_SIZE`] entries, the id of an
+/// active backend of the frontend (a key of the backends map).
+pub type MaglevTable = [u32; MAGLEV_TABLE_SIZE];
+
+/// Hash of a client flow for the Maglev lookup: entry `hash % MAGLEV_TABLE_SIZE` of the
+/// frontend's table is its backend.
+///
+/// Only fields that are the same on every node for one client flow go in: the client
+/// address and port, the destination port (the Service port, or the nodePort, which is
+/// the same on every node) and the protocol; never the destination address (each node has
+/// its own NodePort address) or node-local ids. Arguments are as in the packet (network
+/// byte order read as native integers). The mix is Murmur3's block step and finalizer.
+pub const fn maglev_flow_hash(saddr_be: u32, sport_be: u16, dport_be: u16, proto: u8) -> u32 {
+    const fn block(h: u32, k: u32) -> u32 {
+        let k = k
+            .wrapping_mul(0xcc9e_2d51)
+            .rotate_left(15)
+            .wrapping_mul(0x1b87_3593);
+        (h ^ k)
+            .rotate_left(13)
+            .wrapping_mul(5)
+            .wrapping_add(0xe654_6b64)
+    }
+    let mut h = 0x6c62_2f6d; // seed: any constant, the same on every node
+    h = block(h, saddr_be);
+    h = block(h, (sport_be as u32) << 16 | dport_be as u32);
+    h = block(h, proto as u32);
+    h ^= 12;
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^ (h >> 16)
 }
 
 /// Connection tracking entry for the client -> frontend direction.
@@ -471,6 +530,33 @@ mod tests {
     fn metric_indices_are_dense_and_named() {
         assert_eq!(metric_index(reason::COUNT - 1, DIR_EGRESS), METRICS_LEN - 1);
         assert_eq!(reason::NAMES.len(), reason::COUNT as usize);
+    }
+
+    #[test]
+    fn maglev_flow_hash_is_fixed_and_spreads_ports() {
+        // The hash is part of the contract between nodes (and agent versions): a change
+        // moves flows between backends.
+        let client = u32::from_ne_bytes([10, 1, 0, 2]);
+        let h = maglev_flow_hash(client, 40_000u16.to_be(), 80u16.to_be(), proto::TCP);
+        assert_eq!(h, 679_371_310);
+        assert_ne!(
+            h,
+            maglev_flow_hash(client, 40_000u16.to_be(), 80u16.to_be(), proto::UDP)
+        );
+        assert_ne!(
+            h,
+            maglev_flow_hash(client, 40_001u16.to_be(), 80u16.to_be(), proto::TCP)
+        );
+        assert_ne!(
+            h,
+            maglev_flow_hash(client, 40_000u16.to_be(), 81u16.to_be(), proto::TCP)
+        );
+        let mut hits = [0u32; 8];
+        for port in 0..8000u16 {
+            let h = maglev_flow_hash(0x0201_010a, port.to_be(), 80u16.to_be(), proto::TCP);
+            hits[(h % 8) as usize] += 1;
+        }
+        assert!(hits.iter().all(|n| (900..1100).contains(n)), "{hits:?}");
     }
 
     #[test]

@@ -1,13 +1,14 @@
 //! Map definitions. Names come from `lb_common::map_names`; the loader pins the ones
 //! listed in `map_names::PINNED` so that services, backends and live flows outlive the
 //! agent process.
+use aya_ebpf::bindings::BPF_F_NO_PREALLOC;
 use aya_ebpf::{
     macros::map,
     maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    AffinityKey, AffinityValue, Backend, CtKey, CtValue, METRICS_LEN, ServiceKey, ServiceValue,
-    SourceRangeKey, capacity,
+    AffinityKey, AffinityValue, Backend, CtKey, CtValue, METRICS_LEN, MaglevTable, ServiceKey,
+    ServiceValue, SourceRangeKey, capacity,
 };
 
 /// Frontends (slot 0) and their backend slots (1..=count).
@@ -33,6 +34,11 @@ pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
 #[map(name = "LB4_SOURCE_RANGES")]
 pub static SOURCE_RANGES: LpmTrie<SourceRangeKey, u32> =
     LpmTrie::pinned(capacity::SOURCE_RANGES, 0);
+
+/// Service id -> Maglev lookup table, for frontends with `SVC_F_MAGLEV`. Each value is
+/// 64 KiB: not preallocated, so that only the tables in use take memory.
+#[map(name = "LB4_MAGLEV")]
+pub static MAGLEV: HashMap<u32, MaglevTable> = HashMap::pinned(capacity::MAGLEV, BPF_F_NO_PREALLOC);
 
 /// Per-CPU counters by (reason, direction).
 #[map(name = "LB_METRICS")]

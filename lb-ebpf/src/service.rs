@@ -1,12 +1,12 @@
 //! Frontend lookup, admission (source ranges) and backend selection.
 use aya_ebpf::{helpers::bpf_get_prandom_u32, maps::lpm_trie::Key};
 use lb_common::{
-    AffinityKey, AffinityValue, BACKEND_ACTIVE, Backend, SVC_F_AFFINITY, SVC_F_SOURCE_RANGES,
-    ServiceKey, ServiceValue, SourceRangeKey,
+    AffinityKey, AffinityValue, BACKEND_ACTIVE, Backend, MAGLEV_TABLE_SIZE, SVC_F_AFFINITY,
+    SVC_F_MAGLEV, SVC_F_SOURCE_RANGES, ServiceKey, ServiceValue, SourceRangeKey, maglev_flow_hash,
 };
 
 use crate::{
-    maps::{AFFINITY, BACKENDS, SERVICES, SOURCE_RANGES},
+    maps::{AFFINITY, BACKENDS, MAGLEV, SERVICES, SOURCE_RANGES},
     parse::Packet,
 };
 
@@ -62,7 +62,8 @@ pub struct Selection {
 
 /// Picks a backend for a new flow of `pkt` to frontend `svc` (which has `count > 0`):
 /// the client's remembered backend under `sessionAffinity: ClientIP` while it is fresh
-/// and still active, otherwise a uniformly random slot.
+/// and still active, otherwise the frontend's Maglev choice ([`SVC_F_MAGLEV`]), otherwise
+/// a uniformly random slot.
 #[inline(always)]
 pub fn select(pkt: &Packet, svc: &ServiceValue, now: u64) -> Option<Selection> {
     let affinity = svc.flags & SVC_F_AFFINITY != 0;
@@ -73,7 +74,15 @@ pub fn select(pkt: &Packet, svc: &ServiceValue, now: u64) -> Option<Selection> {
     if affinity && let Some(sel) = sticky(&akey, svc, now) {
         return Some(sel);
     }
-    let sel = random_slot(pkt, svc)?;
+    let maglev = if svc.flags & SVC_F_MAGLEV != 0 {
+        maglev_slot(pkt, svc)
+    } else {
+        None
+    };
+    let sel = match maglev {
+        Some(sel) => sel,
+        None => random_slot(pkt, svc)?,
+    };
     if affinity {
         let value = AffinityValue {
             backend_id: sel.id,
@@ -106,6 +115,33 @@ fn sticky(akey: &AffinityKey, svc: &ServiceValue, now: u64) -> Option<Selection>
         id,
         backend: b,
         sticky: true,
+    })
+}
+
+/// The backend the frontend's Maglev table gives the flow, if the table is there and the
+/// entry names an active backend of this frontend. The agent writes a table before the
+/// header that asks for it and before any backend it names stops being active, so a miss
+/// only happens while a table is being replaced; the caller then picks a random slot.
+#[inline(always)]
+fn maglev_slot(pkt: &Packet, svc: &ServiceValue) -> Option<Selection> {
+    // SAFETY: the value is read (one entry) at once.
+    let table = unsafe { MAGLEV.get(svc.service_id) }?;
+    let entry =
+        maglev_flow_hash(pkt.saddr, pkt.sport, pkt.dport, pkt.proto) % MAGLEV_TABLE_SIZE as u32;
+    // The verifier cannot bound a remainder (and the compiler turns it into a multiply),
+    // and the compiler, which can, would drop the bounds check `get` makes: reading the
+    // index back through a volatile load keeps that check for the verifier to see.
+    // SAFETY: a read of a local variable.
+    let entry = unsafe { core::ptr::read_volatile(&entry) } as usize;
+    let id = *table.get(entry)?;
+    let b = backend(id)?;
+    if b.state != BACKEND_ACTIVE || b.service_id != svc.service_id {
+        return None;
+    }
+    Some(Selection {
+        id,
+        backend: b,
+        sticky: false,
     })
 }
 

@@ -10,7 +10,8 @@
 //! - `connect4` (TCP, connected UDP) replaces a frontend with a backend, chosen with the
 //!   same lookup and the same choice as `lb_tc_ingress` ([`service::lookup_frontend`],
 //!   [`service::select`]: random slot, `ClientIP` affinity, terminating backends left
-//!   out, `count == 0` refused);
+//!   out, `count == 0` refused; Maglev frontends get a random slot too, as the source
+//!   port is not chosen yet);
 //! - `sendmsg4` does the same for each datagram of an unconnected UDP socket, keeping one
 //!   socket's datagrams to one frontend on one backend (a forward entry), as a conntrack
 //!   flow would;
@@ -36,8 +37,8 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use lb_common::{
-    CT_REFRESH_NS, CT_TIMEOUT_UDP_NS, SOCK_DIR_FORWARD, SOCK_DIR_REVERSE, SockNatKey, SockNatValue,
-    proto, sock,
+    CT_REFRESH_NS, CT_TIMEOUT_UDP_NS, SOCK_DIR_FORWARD, SOCK_DIR_REVERSE, SVC_F_MAGLEV,
+    ServiceValue, SockNatKey, SockNatValue, proto, sock,
 };
 
 use crate::{
@@ -220,6 +221,12 @@ fn forward(ctx: &SockAddrContext, per_datagram: bool) -> Outcome {
         // out.
         return Outcome::Refuse;
     }
+    // The source port is not chosen yet and the client address is a placeholder, so a
+    // Maglev choice would send every local socket to one backend: random slots instead.
+    let svc = ServiceValue {
+        flags: svc.flags & !SVC_F_MAGLEV,
+        ..svc
+    };
     let Some(sel) = service::select(&req, &svc, now) else {
         return Outcome::Refuse;
     };

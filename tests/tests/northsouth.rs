@@ -1,8 +1,9 @@
 //! North-south traffic end to end: NodePorts on the node's own address, externalIPs and
 //! LoadBalancer ingress IPs, `loadBalancerSourceRanges`, `externalTrafficPolicy: Local`,
-//! and a broken Service reported while the others keep working. Real agent, real programs
-//! in the kernel, real TCP and UDP from client namespaces through the node to pod
-//! namespaces (tests/README.md draws the topology).
+//! Maglev backend selection across two nodes, and a broken Service reported while the
+//! others keep working. Real agent, real programs in the kernel, real TCP and UDP from
+//! client namespaces through the node to pod namespaces (tests/README.md draws the
+//! topology).
 //!
 //! Run as root: `cargo xtask test` (or `cargo test --release -p tests --test northsouth --
 //! --test-threads=1`).
@@ -792,4 +793,91 @@ fn one_client_port_to_two_frontends_of_the_same_backend() {
             .filter(|o| o.contains("echo"))
             .all(|o| o.contains("node-2-pod-1: via-"));
     assert!(ok, "{outcome:#?}");
+}
+
+/// A NodePort Service `name` with one port, 80/TCP -> 8080 on nodePort `node_port`, with
+/// the backend selection annotation when `selection` is given.
+fn tcp_node_port_service(
+    name: &str,
+    ip: Ipv4Addr,
+    node_port: u16,
+    selection: Option<&str>,
+) -> String {
+    let annotations = selection
+        .map(|s| format!("  annotations:\n    lb.dev/backend-selection: {s}\n"))
+        .unwrap_or_default();
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n{annotations}spec:\n  \
+         type: NodePort\n  clusterIP: {ip}\n  ports:\n  - name: http\n    port: 80\n    \
+         protocol: TCP\n    targetPort: 8080\n    nodePort: {node_port}\n"
+    )
+}
+
+#[test]
+fn maglev_nodeport_picks_the_same_backend_for_a_client_flow_on_every_node() {
+    const MAGLEV_NODE_PORT: u16 = 30_081;
+    const RANDOM_NODE_PORT: u16 = 30_082;
+    let Some(two) = two_nodes(2, |ips, nodes| {
+        vec![
+            (
+                "maglev.yaml".to_owned(),
+                tcp_node_port_service(
+                    "maglev",
+                    Ipv4Addr::new(10, 96, 0, 20),
+                    MAGLEV_NODE_PORT,
+                    Some("maglev"),
+                ),
+            ),
+            ("maglev-slice.yaml".to_owned(), slice("maglev", ips, nodes)),
+            (
+                "random.yaml".to_owned(),
+                tcp_node_port_service(
+                    "random",
+                    Ipv4Addr::new(10, 96, 0, 21),
+                    RANDOM_NODE_PORT,
+                    None,
+                ),
+            ),
+            ("random-slice.yaml".to_owned(), slice("random", ips, nodes)),
+        ]
+    }) else {
+        return;
+    };
+    let cluster = &two.cluster;
+    let client = &cluster.client;
+    let (node1, node2) = (cluster.nodes[0].ip, cluster.nodes[1].ip);
+    // One connection from a fixed client port; the client closes first, so TIME_WAIT is
+    // on its side, for this destination only: the same port may go to the other node.
+    let pod_via = |node: Ipv4Addr, node_port: u16, port: u16| {
+        let to = SocketAddrV4::new(node, node_port);
+        client
+            .ns
+            .run(move || tcp_connect_from(port, to, TIMEOUT))
+            .map(|(_, g)| g.pod)
+            .unwrap_or_else(|e| panic!("TCP from port {port} to {to}: {e}"))
+    };
+    // Every pod of both nodes is a backend of both Services, so through either node a
+    // flow may reach any of the four pods.
+    let mut reached = BTreeSet::new();
+    for port in 41_000..41_012 {
+        let first = pod_via(node1, MAGLEV_NODE_PORT, port);
+        let second = pod_via(node2, MAGLEV_NODE_PORT, port);
+        assert_eq!(
+            first, second,
+            "client port {port}: node 1 and node 2 disagree"
+        );
+        reached.insert(first);
+    }
+    assert!(
+        reached.len() >= 2,
+        "twelve client ports all on one pod: {reached:?}"
+    );
+    // The control: with random selection the nodes choose independently, so some of the
+    // same flows land on different pods (all twelve agreeing by chance: 4^-12).
+    let differ = (42_000..42_012)
+        .filter(|port| {
+            pod_via(node1, RANDOM_NODE_PORT, *port) != pod_via(node2, RANDOM_NODE_PORT, *port)
+        })
+        .count();
+    assert!(differ > 0, "random selection agreed on every client port");
 }

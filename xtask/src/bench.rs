@@ -164,6 +164,7 @@ pub(crate) fn sizes_for(n: usize) -> MapSizes {
         backends: entries,
         ct: 262_144,
         affinity: 4_096,
+        ..MapSizes::default()
     }
 }
 
