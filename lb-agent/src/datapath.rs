@@ -36,11 +36,12 @@ use aya::{
         lpm_trie::{Key as LpmKey, LpmTrie},
     },
     programs::{
-        CgroupAttachMode, CgroupSockAddr, LinkOrder, SchedClassifier, TcAttachType,
+        CgroupAttachMode, CgroupSockAddr, LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode,
         links::{FdLink, PinnedLink},
         tc::{
             NlOptions, SchedClassifierLink, TcAttachOptions, qdisc_add_clsact, qdisc_detach_program,
         },
+        xdp::XdpLink,
     },
 };
 use lb_common::{
@@ -51,6 +52,7 @@ use tracing::{debug, info, warn};
 use crate::{
     features::{
         Feature, Features, NETLINK_HANDLE, NETLINK_PRIORITY, Probe, SOCK_HOOKS, SockHook, TcAttach,
+        XDP_SINCE,
     },
     maps::{MapError, ServiceMaps},
 };
@@ -64,6 +66,7 @@ static EMBEDDED_OBJECT: Option<&[u8]> = None;
 
 const INGRESS_DIR: &str = "ingress";
 const EGRESS_DIR: &str = "egress";
+const XDP_DIR: &str = "xdp";
 
 /// Pin name of a device's link. bpffs refuses names with a dot, which device names may
 /// have (`eth0.100`); the ifindex makes the name unique even when a name is reused.
@@ -80,6 +83,29 @@ const BPFFS_MOUNT: &str = "/sys/fs/bpf";
 pub const INGRESS_PROG: &str = "lb_tc_ingress";
 /// The TC egress program: reverse NAT of replies.
 pub const EGRESS_PROG: &str = "lb_tc_egress";
+/// The XDP program: translation of external traffic before the TC ingress program.
+pub const XDP_PROG: &str = "lb_xdp";
+
+/// How `--xdp` attaches the XDP program.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum XdpAttachMode {
+    /// Native (in the driver) where the driver supports it, generic otherwise.
+    #[default]
+    Auto,
+    /// Native only: a device whose driver has no XDP support is an error.
+    Native,
+    /// Generic (in the kernel's receive path, after the socket buffer is built).
+    Generic,
+}
+
+/// Where and how the XDP program is attached (`--xdp`, `--xdp-mode`).
+#[derive(Debug, Clone)]
+pub struct XdpConfig {
+    /// The devices (they also get the TC programs).
+    pub devices: DevicePatterns,
+    /// The attach mode.
+    pub mode: XdpAttachMode,
+}
 
 /// Why the datapath could not be set up. Each message names the fix.
 #[derive(Debug, thiserror::Error)]
@@ -483,6 +509,8 @@ pub struct Datapath {
     attached: BTreeMap<String, Attachment>,
     /// Link pins of the socket hooks attached to the `--cgroup-path` cgroup.
     cgroup_links: Vec<PathBuf>,
+    /// `--xdp`: devices that also get the XDP program.
+    xdp: Option<XdpConfig>,
 }
 
 struct Attachment {
@@ -535,6 +563,7 @@ impl Datapath {
             .iter()
             .map(|hook| load_sock_hook(&mut ebpf, hook))
             .collect();
+        features.xdp = load_xdp(&mut ebpf);
         info!("{features}");
         let mode =
             features
@@ -553,7 +582,27 @@ impl Datapath {
             features,
             attached: BTreeMap::new(),
             cgroup_links: Vec::new(),
+            xdp: None,
         })
+    }
+
+    /// Attaches the XDP program too, to the devices of `config` (call before the first
+    /// `sync_devices`). Fails, naming the reason, if this kernel cannot run it.
+    pub fn enable_xdp(&mut self, config: XdpConfig) -> Result<()> {
+        if !self.features.xdp.probe.yes() {
+            return Err(DatapathError::KernelFeature {
+                kernel: kernel_string(),
+                feature: self.features.xdp.name,
+                detail: format!(
+                    "{}; it needs Linux {} or newer (run without --xdp to use the TC path \
+                     alone)",
+                    self.features.xdp.probe, self.features.xdp.since
+                ),
+            });
+        }
+        info!(devices = ?config.devices, mode = ?config.mode, "XDP enabled");
+        self.xdp = Some(config);
+        Ok(())
     }
 
     /// Attach devices through netlink TC even where tcx exists, so that a host with tcx
@@ -580,6 +629,15 @@ impl Datapath {
     /// A loaded program, for `BPF_PROG_TEST_RUN` in tests and benchmarks.
     pub fn program(&self, name: &str) -> Option<&SchedClassifier> {
         self.ebpf.program(name).and_then(|p| p.try_into().ok())
+    }
+
+    /// The loaded XDP program, for `BPF_PROG_TEST_RUN` in tests and benchmarks (`None` if
+    /// this kernel could not load it).
+    pub fn xdp_program(&self) -> Option<&Xdp> {
+        self.ebpf
+            .program(XDP_PROG)
+            .and_then(|p| p.try_into().ok())
+            .filter(|_| self.features.xdp.probe.yes())
     }
 
     /// Takes the services and backends maps out as a [`ServiceMaps`].
@@ -660,6 +718,79 @@ impl Datapath {
     }
 
     fn attach(&mut self, device: &str, ifindex: u32) -> Result<Vec<PathBuf>> {
+        let mut pins = self.attach_tc(device, ifindex)?;
+        if self.xdp.as_ref().is_some_and(|x| x.devices.matches(device)) {
+            // After TC: what XDP leaves to the stack must find the TC program there.
+            pins.push(self.attach_xdp(device, ifindex)?);
+        }
+        Ok(pins)
+    }
+
+    /// The XDP program on `device`, through a pinned bpf_link: a link a previous agent
+    /// left gets our program in place (one atomic swap, in the mode it was attached in);
+    /// otherwise native mode is tried first (with `auto`), then generic.
+    fn attach_xdp(&mut self, device: &str, ifindex: u32) -> Result<PathBuf> {
+        let mode = self.xdp.as_ref().map(|x| x.mode).unwrap_or_default();
+        let pin = self
+            .root
+            .join("links")
+            .join(link_pin_name(ifindex, XDP_DIR, device));
+        let err = |source: Box<dyn std::error::Error + Send + Sync>| DatapathError::Attach {
+            prog: XDP_PROG,
+            device: device.to_owned(),
+            source,
+        };
+        let prog: &mut Xdp = self
+            .ebpf
+            .program_mut(XDP_PROG)
+            .expect("probed at load")
+            .try_into()
+            .expect("probed at load");
+        let (link_id, how) = match PinnedLink::from_pin(&pin) {
+            Ok(old) => {
+                let link: XdpLink = FdLink::from(old).try_into().map_err(|e| err(Box::new(e)))?;
+                let id = prog.attach_to_link(link).map_err(|e| err(Box::new(e)))?;
+                (id, "replaced in place")
+            }
+            Err(_) => match mode {
+                XdpAttachMode::Native => (
+                    prog.attach_to_if_index(ifindex, XdpMode::Driver)
+                        .map_err(|e| err(Box::new(e)))?,
+                    "native",
+                ),
+                XdpAttachMode::Generic => (
+                    prog.attach_to_if_index(ifindex, XdpMode::Skb)
+                        .map_err(|e| err(Box::new(e)))?,
+                    "generic",
+                ),
+                XdpAttachMode::Auto => match prog.attach_to_if_index(ifindex, XdpMode::Driver) {
+                    Ok(id) => (id, "native"),
+                    Err(e) => {
+                        debug!(device, error = %e, "no native XDP; trying generic");
+                        (
+                            prog.attach_to_if_index(ifindex, XdpMode::Skb)
+                                .map_err(|e| err(Box::new(e)))?,
+                            "generic",
+                        )
+                    }
+                },
+            },
+        };
+        let link = prog.take_link(link_id).map_err(|e| err(Box::new(e)))?;
+        let fd_link: FdLink = link.try_into().map_err(|e| {
+            err(format!(
+                "the kernel attached XDP without a bpf_link (Linux {XDP_SINCE}), which \
+                 could not outlive the agent: {e}"
+            )
+            .into())
+        })?;
+        let _ = fs::remove_file(&pin);
+        fd_link.pin(&pin).map_err(|e| err(Box::new(e)))?;
+        info!(device, mode = how, "XDP attached");
+        Ok(pin)
+    }
+
+    fn attach_tc(&mut self, device: &str, ifindex: u32) -> Result<Vec<PathBuf>> {
         if !self.tcx {
             self.attach_netlink(device)?;
             return Ok(Vec::new());
@@ -764,7 +895,8 @@ impl Datapath {
         Ok(())
     }
 
-    /// Removes link pins whose device no longer exists (left by a crashed agent).
+    /// Removes link pins whose device no longer exists (left by a crashed agent), and
+    /// detaches XDP from devices `--xdp` no longer names.
     pub fn remove_stale_link_pins(&self) {
         let present = list_devices();
         let Ok(entries) = fs::read_dir(self.root.join("links")) else {
@@ -781,6 +913,19 @@ impl Datapath {
                     .iter()
                     .any(|dir| link_pin_name(*idx, dir, dev) == name)
             });
+            let xdp_device = present
+                .iter()
+                .find(|(dev, idx)| link_pin_name(**idx, XDP_DIR, dev) == name);
+            if let Some((dev, _)) = xdp_device {
+                if !self.xdp.as_ref().is_some_and(|x| x.devices.matches(dev)) {
+                    info!(device = %dev, "XDP no longer requested there: detaching it");
+                    if let Err(e) = detach_pinned_link(&entry.path()) {
+                        warn!(device = %dev, error = %e, "cannot detach XDP");
+                    }
+                    let _ = fs::remove_file(entry.path());
+                }
+                continue;
+            }
             if !live {
                 debug!(pin = %name, "removing stale link pin");
                 let _ = fs::remove_file(entry.path());
@@ -846,6 +991,45 @@ fn own_netns_cookie() -> u64 {
         )
     };
     if rc == 0 { cookie } else { 0 }
+}
+
+/// Loads the XDP program; the outcome is its feature probe. The program and its bpf_link
+/// are what `--xdp` needs; the probe cannot attach, so a kernel between 4.8 and 5.9 (XDP,
+/// no XDP bpf_link) shows here as yes and fails at attach, naming the reason.
+fn load_xdp(ebpf: &mut Ebpf) -> Feature {
+    let probe = match ebpf.program_mut(XDP_PROG) {
+        None => Probe::No("not in the eBPF object".into()),
+        Some(prog) => match <&mut Xdp>::try_from(prog) {
+            Err(e) => Probe::No(e.to_string()),
+            Ok(prog) => match prog.load() {
+                Ok(()) => Probe::Yes,
+                Err(e) => {
+                    debug!(error = ?e, "the XDP program does not load");
+                    Probe::No(verifier_summary(&e.to_string()))
+                }
+            },
+        },
+    };
+    Feature {
+        probe,
+        ..Feature::xdp_unprobed()
+    }
+}
+
+/// A load error cut to one line: the error, then the verifier's last words (its full
+/// log, hundreds of lines, is in the debug log).
+fn verifier_summary(error: &str) -> String {
+    let Some((head, log)) = error.split_once("Verifier output:") else {
+        return error.to_owned();
+    };
+    let last: Vec<&str> = log
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with("verification time"))
+        .filter(|l| !l.starts_with("stack depth") && !l.starts_with("processed "))
+        .collect();
+    let tail = last[last.len().saturating_sub(2)..].join("; ");
+    format!("{} verifier: {tail}", head.trim().trim_end_matches('.'))
 }
 
 /// Loads one socket hook program; the outcome is its feature probe.
@@ -1391,8 +1575,8 @@ impl Metrics {
             };
             let total: u64 = values.iter().sum();
             if total > 0 {
-                let reason = lb_common::reason::NAMES[(idx / 2) as usize];
-                let dir = if idx % 2 == 0 { "ingress" } else { "egress" };
+                let reason = lb_common::reason::NAMES[(idx / lb_common::DIRS) as usize];
+                let dir = lb_common::DIR_NAMES[(idx % lb_common::DIRS) as usize];
                 out.push((reason, dir, total));
             }
         }
@@ -1492,6 +1676,20 @@ pub fn matching_devices(patterns: &DevicePatterns) -> BTreeSet<String> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn verifier_log_is_cut_to_its_last_words() {
+        let e = "the BPF_PROG_LOAD syscall returned Permission denied (os error 13). Verifier \
+                 output: 0: R1=ctx()\n357: (71) r3 = *(u8 *)(r1 +1)\ninvalid access to packet\n\
+                 R1 offset is outside of the packet\nverification time 42648 usec\nstack depth \
+                 216\nprocessed 1208 insns\n";
+        assert_eq!(
+            super::verifier_summary(e),
+            "the BPF_PROG_LOAD syscall returned Permission denied (os error 13) verifier: invalid \
+             access to packet; R1 offset is outside of the packet"
+        );
+        assert_eq!(super::verifier_summary("EPERM"), "EPERM");
+    }
+
     use super::*;
 
     #[test]

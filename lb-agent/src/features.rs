@@ -102,6 +102,24 @@ pub struct Features {
     /// The cgroup `sock_addr` hooks ([`SOCK_HOOKS`], in that order), probed by loading
     /// their programs; only needed with `--cgroup-path`.
     pub sock_hooks: Vec<Feature>,
+    /// The XDP program, probed by loading it; only needed with `--xdp`.
+    pub xdp: Feature,
+}
+
+/// Name of the XDP feature line.
+pub const XDP_FEATURE: &str = "xdp (program and bpf_link)";
+/// First kernel with XDP bpf_links, which the agent pins so that XDP outlives it.
+pub const XDP_SINCE: &str = "5.9";
+
+impl Feature {
+    /// The XDP feature before it is probed.
+    pub fn xdp_unprobed() -> Self {
+        Self {
+            name: XDP_FEATURE,
+            since: XDP_SINCE,
+            probe: Probe::Unknown("not probed".into()),
+        }
+    }
 }
 
 /// The map types of `lb-ebpf/src/maps.rs`.
@@ -198,6 +216,7 @@ impl Features {
             tcx,
             netlink_tc,
             sock_hooks: Vec::new(),
+            xdp: Feature::xdp_unprobed(),
         }
     }
 
@@ -224,12 +243,13 @@ impl Features {
     }
 
     /// Every feature in order: the required ones, then tcx and netlink TC, then the
-    /// socket hooks.
+    /// socket hooks, then XDP.
     pub fn all(&self) -> impl Iterator<Item = &Feature> {
         self.required
             .iter()
             .chain([&self.tcx, &self.netlink_tc])
             .chain(&self.sock_hooks)
+            .chain([&self.xdp])
     }
 }
 
@@ -498,6 +518,7 @@ mod tests {
             tcx: feature("tcx", tcx),
             netlink_tc: feature("netlink_tc", netlink),
             sock_hooks: Vec::new(),
+            xdp: Feature::xdp_unprobed(),
         }
     }
 
@@ -581,6 +602,7 @@ mod sock_tests {
                     },
                 })
                 .collect(),
+            xdp: Feature::xdp_unprobed(),
         }
     }
 

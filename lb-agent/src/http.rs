@@ -212,7 +212,7 @@ fn render(s: &Sources) -> String {
     out.family(
         "lb_datapath_packets_total",
         "counter",
-        "Packets seen by the TC programs, by decision (reason) and direction",
+        "Packets seen by the TC and XDP programs, by decision (reason) and direction (ingress, egress, xdp)",
     );
     for (reason, direction, n) in s.datapath.snapshot() {
         out.sample(

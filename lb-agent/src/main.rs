@@ -65,9 +65,22 @@ struct Cli {
     #[arg(
         long,
         value_name = "LIST",
-        required_unless_present_any = ["dry_run", "cleanup", "kernel_features"]
+        required_unless_present_any = ["dry_run", "cleanup", "kernel_features", "xdp"]
     )]
     devices: Option<String>,
+
+    /// Devices where external traffic arrives (comma-separated names or globs, like
+    /// `--devices`; they get the TC programs too): the XDP program translates NodePort,
+    /// externalIP and LoadBalancer traffic there before the kernel builds a socket buffer
+    /// for it, and drops what a source range or a `Local` policy refuses; whatever needs
+    /// more than a rewrite (a backend on another node, a reject) goes on to the TC path.
+    #[arg(long, value_name = "LIST")]
+    xdp: Option<String>,
+
+    /// How `--xdp` attaches: `auto` (native where the driver supports it, generic
+    /// otherwise), `native` or `generic`.
+    #[arg(long, value_name = "MODE", value_enum, default_value_t = datapath::XdpAttachMode::Auto, requires = "xdp")]
+    xdp_mode: datapath::XdpAttachMode,
 
     /// cgroup v2 directory whose processes reach Services through socket hooks
     /// (connect, sendmsg, recvmsg, getpeername): the node's own processes, hostNetwork
@@ -389,12 +402,25 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&desired.to_json())?);
         return Ok(());
     }
-    let patterns = DevicePatterns::parse(cli.devices.as_deref().unwrap_or_default());
+    // XDP devices get the TC programs too: the XDP program leaves work to them, and their
+    // replies leave through them.
+    let device_list = [cli.devices.as_deref(), cli.xdp.as_deref()]
+        .into_iter()
+        .flatten()
+        .collect::<Vec<_>>()
+        .join(",");
+    let patterns = DevicePatterns::parse(&device_list);
 
     datapath::prepare(&cli.bpffs_root)?;
     let mut dp = Datapath::load(&cli.bpffs_root, cli.ebpf_object.as_deref())?;
     if cli.force_netlink_tc {
         dp.force_netlink_tc()?;
+    }
+    if let Some(xdp) = &cli.xdp {
+        dp.enable_xdp(datapath::XdpConfig {
+            devices: DevicePatterns::parse(xdp),
+            mode: cli.xdp_mode,
+        })?;
     }
     let mut maps = dp.service_maps()?;
     let metrics = Arc::new(dp.metrics()?);
@@ -442,7 +468,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let devices: Vec<&str> = dp.devices().collect();
     if devices.is_empty() {
         warn!(
-            patterns = cli.devices.as_deref().unwrap_or_default(),
+            patterns = %device_list,
             "no matching device yet"
         );
     }

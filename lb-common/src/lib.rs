@@ -388,8 +388,12 @@ pub mod reason {
     /// New flow to a frontend whose traffic policy is `Local` while no endpoint of the
     /// Service runs on this node: dropped, as kube-proxy does.
     pub const NO_LOCAL_BACKEND: u32 = 14;
+    /// XDP: left to the TC path, which handles it as if XDP were not there (the first
+    /// packet of a flow to a backend on another node, which needs the source NAT mark; a
+    /// reject, which needs an ICMP reply built; a fragment; a hairpin).
+    pub const DEFERRED: u32 = 15;
     /// Number of reasons.
-    pub const COUNT: u32 = 15;
+    pub const COUNT: u32 = 16;
 
     /// Stable names, indexed by reason, used as metric labels.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -408,6 +412,7 @@ pub mod reason {
         "affinity_hit",
         "source_range_denied",
         "no_local_backend",
+        "deferred",
     ];
 }
 
@@ -415,12 +420,23 @@ pub mod reason {
 pub const DIR_INGRESS: u32 = 0;
 /// Traffic leaving a device (TC egress).
 pub const DIR_EGRESS: u32 = 1;
+/// Traffic entering a device, seen by the XDP program before the TC one.
+pub const DIR_XDP: u32 = 2;
+/// The node's own sockets, seen by the cgroup socket hooks (`connect`, `sendmsg`:
+/// translated, refused or not a frontend; `recvmsg`, `getpeername`: the frontend shown,
+/// counted as replies).
+pub const DIR_SOCKET: u32 = 3;
+/// Number of directions.
+pub const DIRS: u32 = 4;
+/// Names of the directions, indexed by direction, used as metric labels.
+pub const DIR_NAMES: [&str; DIRS as usize] = ["ingress", "egress", "xdp", "socket"];
 /// Size of the metrics array.
-pub const METRICS_LEN: u32 = reason::COUNT * 2;
+pub const METRICS_LEN: u32 = reason::COUNT * DIRS;
 
-/// Index of the counter for `reason` in direction `dir` ([`DIR_INGRESS`]/[`DIR_EGRESS`]).
+/// Index of the counter for `reason` in direction `dir` ([`DIR_INGRESS`], [`DIR_EGRESS`],
+/// [`DIR_XDP`], [`DIR_SOCKET`]).
 pub const fn metric_index(reason: u32, dir: u32) -> u32 {
-    reason * 2 + dir
+    reason * DIRS + dir
 }
 
 // Layout checks: a change here is a change of the kernel ABI between agent versions
@@ -528,7 +544,7 @@ mod tests {
 
     #[test]
     fn metric_indices_are_dense_and_named() {
-        assert_eq!(metric_index(reason::COUNT - 1, DIR_EGRESS), METRICS_LEN - 1);
+        assert_eq!(metric_index(reason::COUNT - 1, DIR_SOCKET), METRICS_LEN - 1);
         assert_eq!(reason::NAMES.len(), reason::COUNT as usize);
     }
 

@@ -19,6 +19,11 @@
 //! the frontend as their source. Doing the reverse translation at egress, after the node's
 //! netfilter has seen the packet, means netfilter sees one consistent client <-> backend
 //! flow in both directions, so hosts that drop `ctstate INVALID` in FORWARD keep working.
+//!
+//! `lb_xdp`, on the devices external traffic arrives on (`lb-agent --xdp`), runs before
+//! `lb_tc_ingress`: it translates packets to frontends that need only a rewrite (with
+//! [`xdp::rewrite`]), drops the new flows a frontend refuses, and leaves the rest to the TC
+//! program, with any new flow already created in [`conntrack`].
 #![no_std]
 
 pub mod conntrack;
@@ -30,6 +35,7 @@ pub mod parse;
 pub mod reject;
 pub mod service;
 pub mod sock;
+pub mod xdp;
 
 /// TC verdicts (`linux/pkt_cls.h`).
 pub mod verdict {

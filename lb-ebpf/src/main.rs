@@ -3,10 +3,13 @@
 #![no_std]
 #![no_main]
 
-use aya_ebpf::{macros::classifier, programs::TcContext};
+use aya_ebpf::{
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
+};
 use lb_common::{
-    BACKEND_F_SNAT, CT_F_HAIRPIN, CtValue, DIR_EGRESS, DIR_INGRESS, HAIRPIN_ADDR_BE, SNAT_MARK,
-    SVC_F_DROP_EMPTY, reason,
+    BACKEND_F_SNAT, Backend, CT_F_HAIRPIN, CtValue, DIR_EGRESS, DIR_INGRESS, DIR_XDP,
+    HAIRPIN_ADDR_BE, SNAT_MARK, SVC_F_DROP_EMPTY, reason,
 };
 use lb_ebpf::{
     conntrack::{self, backend_matches},
@@ -14,6 +17,7 @@ use lb_ebpf::{
     nat::{self, End},
     parse::{self, Packet, ParseError},
     reject, service, verdict,
+    xdp::{self as xdp_frame, action},
 };
 
 /// A decision: the reason it is counted under and the TC verdict.
@@ -89,8 +93,11 @@ fn ingress(ctx: &TcContext) -> Decision {
     let mut why = reason::NEW_FLOW;
     if let Some(ct) = conntrack::lookup(&key, now) {
         let b = service::backend(ct.backend_id);
-        if backend_matches(&ct, b.as_ref()) {
+        if let Some(b) = b.as_ref()
+            && backend_matches(&ct, Some(b))
+        {
             conntrack::refresh(&key, &ct, &pkt, now);
+            mark_for_snat(ctx, b);
             return translate(ctx, &pkt, &ct, reason::ESTABLISHED);
         }
         // The flow's backend is gone: move the flow to a live one (for UDP this is what
@@ -130,14 +137,22 @@ fn ingress(ctx: &TcContext) -> Decision {
         // Fail closed: a flow we cannot track would lose its replies' translation.
         return Decision::drop(reason::CT_FULL);
     }
-    if sel.backend.flags & BACKEND_F_SNAT != 0 {
-        // The node's conntrack binds its source NAT on the first packet of the flow; the
-        // later ones follow it without the mark.
+    mark_for_snat(ctx, &sel.backend);
+    translate(ctx, &pkt, &fwd, why)
+}
+
+/// Marks a packet to backend `b` for the node's source NAT if `b` is on another node.
+/// The node's conntrack binds the source NAT on the first packet of a flow and the later
+/// ones follow it; marking every packet keeps a flow whose netfilter entry expired before
+/// ours (a quiet UDP flow) masqueraded when it resumes, and lets the XDP program leave a
+/// flow's first packet to this path after creating the flow.
+#[inline(always)]
+fn mark_for_snat(ctx: &TcContext, b: &Backend) {
+    if b.flags & BACKEND_F_SNAT != 0 {
         // SAFETY: reading a field of the program's context.
         let mark = unsafe { (*ctx.skb.skb).mark };
         ctx.set_mark(mark | SNAT_MARK);
     }
-    translate(ctx, &pkt, &fwd, why)
 }
 
 /// DNAT of a client's packet to the backend of its flow `ct`.
@@ -227,6 +242,128 @@ fn egress(ctx: &TcContext) -> Decision {
             verdict: verdict::OK,
         },
         Err(_) => Decision::drop(reason::REWRITE_FAILED),
+    }
+}
+
+/// An XDP decision: the reason it is counted under and the XDP action.
+struct XdpDecision {
+    reason: u32,
+    action: u32,
+}
+
+impl XdpDecision {
+    const fn pass(reason: u32) -> Self {
+        Self {
+            reason,
+            action: action::PASS,
+        }
+    }
+    const fn drop(reason: u32) -> Self {
+        Self {
+            reason,
+            action: action::DROP,
+        }
+    }
+}
+
+/// Traffic arriving on an external device (`lb-agent --xdp`), before the kernel builds a
+/// socket buffer for it. Packets to a frontend are translated here (new flows to a backend
+/// on this node, and established flows), and new flows the frontend refuses by source
+/// range or traffic policy are dropped here; whatever needs more than a rewrite is left
+/// to `lb_tc_ingress` on the same device (see [`reason::DEFERRED`]), which therefore
+/// behaves as if XDP were not there. Flows are created in the same conntrack map, so
+/// either path continues what the other began.
+#[xdp]
+pub fn lb_xdp(ctx: XdpContext) -> u32 {
+    let d = xdp_ingress(&ctx);
+    count(d.reason, DIR_XDP);
+    d.action
+}
+
+#[inline(always)]
+fn xdp_ingress(ctx: &XdpContext) -> XdpDecision {
+    let pkt = match parse::parse(ctx) {
+        Ok(p) => p,
+        Err(ParseError::Malformed) => return XdpDecision::pass(reason::MALFORMED),
+        Err(ParseError::NotIpv4 | ParseError::OtherProtocol) => {
+            return XdpDecision::pass(reason::NOT_SERVICE);
+        }
+    };
+    let Some(svc) = service::lookup_frontend(&pkt) else {
+        // A Service address's undefined port is rejected by the TC path.
+        if service::is_service_addr(&pkt) {
+            return XdpDecision::pass(reason::DEFERRED);
+        }
+        return XdpDecision::pass(reason::NOT_SERVICE);
+    };
+    if pkt.fragment {
+        return XdpDecision::pass(reason::DEFERRED);
+    }
+    let now = conntrack::now();
+    let key = conntrack::forward_key(&pkt);
+    let mut why = reason::NEW_FLOW;
+    if let Some(ct) = conntrack::lookup(&key, now) {
+        let b = service::backend(ct.backend_id);
+        if let Some(b) = b.as_ref()
+            && backend_matches(&ct, Some(b))
+        {
+            if !xdp_translates(&ct, b) {
+                return XdpDecision::pass(reason::DEFERRED);
+            }
+            conntrack::refresh(&key, &ct, &pkt, now);
+            return xdp_translate(ctx, &pkt, &ct, reason::ESTABLISHED);
+        }
+        why = reason::RESELECTED;
+    }
+    if !service::source_allowed(&pkt, &svc) {
+        return XdpDecision::drop(reason::SOURCE_RANGE_DENIED);
+    }
+    if svc.count == 0 {
+        if svc.flags & SVC_F_DROP_EMPTY != 0 {
+            return XdpDecision::drop(reason::NO_LOCAL_BACKEND);
+        }
+        return XdpDecision::pass(reason::DEFERRED);
+    }
+    let Some(sel) = service::select(&pkt, &svc, now) else {
+        return XdpDecision::pass(reason::DEFERRED);
+    };
+    if sel.sticky && why == reason::NEW_FLOW {
+        why = reason::AFFINITY_HIT;
+    }
+    // The same flow the TC path would create, so that a packet left to it finds its
+    // backend already chosen: choosing again there would favour this node's backends.
+    let hairpin = sel.backend.addr_be == pkt.saddr && sel.backend.flags & BACKEND_F_SNAT == 0;
+    let fwd = CtValue {
+        nat_addr_be: sel.backend.addr_be,
+        nat_port_be: sel.backend.port_be,
+        flags: if hairpin { CT_F_HAIRPIN } else { 0 },
+        backend_id: sel.id,
+        service_id: svc.service_id,
+        last_seen_ns: now,
+    };
+    if conntrack::create(&key, &fwd, &pkt).is_err() {
+        return XdpDecision::drop(reason::CT_FULL);
+    }
+    if !xdp_translates(&fwd, &sel.backend) {
+        return XdpDecision::pass(reason::DEFERRED);
+    }
+    xdp_translate(ctx, &pkt, &fwd, why)
+}
+
+/// Whether XDP translates the packets of flow `ct` to backend `b` itself: not when the
+/// backend is on another node (its packets need the source NAT mark, which only a socket
+/// buffer carries) nor for a hairpin (sent back out of its device by the TC path).
+#[inline(always)]
+fn xdp_translates(ct: &CtValue, b: &Backend) -> bool {
+    b.flags & BACKEND_F_SNAT == 0 && ct.flags & CT_F_HAIRPIN == 0
+}
+
+/// DNAT of a client's packet to the backend of its flow `ct`, then on to the stack.
+#[inline(always)]
+fn xdp_translate(ctx: &XdpContext, pkt: &Packet, ct: &CtValue, why: u32) -> XdpDecision {
+    match xdp_frame::rewrite(ctx, pkt, End::Destination, ct.nat_addr_be, ct.nat_port_be) {
+        Ok(()) => XdpDecision::pass(why),
+        Err(_) => XdpDecision::drop(reason::REWRITE_FAILED),
     }
 }
 

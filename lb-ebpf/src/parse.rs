@@ -1,5 +1,8 @@
-//! Header parsing: Ethernet + IPv4 + TCP/UDP into a [`Packet`].
-use aya_ebpf::programs::TcContext;
+//! Header parsing: Ethernet + IPv4 + TCP/UDP into a [`Packet`], from a TC or an XDP
+//! context alike ([`Frame`]).
+use core::mem::size_of;
+
+use aya_ebpf::programs::{TcContext, XdpContext};
 use lb_common::proto;
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
@@ -62,14 +65,37 @@ impl Packet {
     }
 }
 
+/// Read access to the bytes of a packet, whichever hook sees it.
+pub trait Frame {
+    /// A copy of the `T` at byte `off` of the frame; `Err` if the frame is shorter.
+    fn read<T: Copy>(&self, off: usize) -> Result<T, ()>;
+}
+
+impl Frame for TcContext {
+    #[inline(always)]
+    fn read<T: Copy>(&self, off: usize) -> Result<T, ()> {
+        self.load(off).map_err(|_| ())
+    }
+}
+
+impl Frame for XdpContext {
+    #[inline(always)]
+    fn read<T: Copy>(&self, off: usize) -> Result<T, ()> {
+        let ptr = crate::xdp::bounded(self, off, size_of::<T>())?;
+        // SAFETY: `bounded` checked that the bytes lie within the frame; the packet
+        // buffer has no alignment guarantee, hence the unaligned read.
+        Ok(unsafe { core::ptr::read_unaligned(ptr as *const T) })
+    }
+}
+
 /// Parses the packet in `ctx`.
 #[inline(always)]
-pub fn parse(ctx: &TcContext) -> Result<Packet, ParseError> {
-    let eth: EthHdr = ctx.load(0).map_err(|_| ParseError::Malformed)?;
+pub fn parse<F: Frame>(ctx: &F) -> Result<Packet, ParseError> {
+    let eth: EthHdr = ctx.read(0).map_err(|_| ParseError::Malformed)?;
     if eth.ether_type != ETH_P_IP_BE {
         return Err(ParseError::NotIpv4);
     }
-    let ip: Ipv4Hdr = ctx.load(L3_OFF).map_err(|_| ParseError::Malformed)?;
+    let ip: Ipv4Hdr = ctx.read(L3_OFF).map_err(|_| ParseError::Malformed)?;
     let ip_len = usize::from(ip.vihl & 0x0f) * 4;
     if ip.vihl >> 4 != 4 || ip_len < Ipv4Hdr::LEN {
         return Err(ParseError::Malformed);
@@ -95,12 +121,12 @@ pub fn parse(ctx: &TcContext) -> Result<Packet, ParseError> {
     if frags & 0x1fff != 0 {
         return Ok(pkt);
     }
-    let ports: [u16; 2] = ctx.load(l4).map_err(|_| ParseError::Malformed)?;
+    let ports: [u16; 2] = ctx.read(l4).map_err(|_| ParseError::Malformed)?;
     pkt.sport = ports[0];
     pkt.dport = ports[1];
     if l4_proto == proto::TCP {
         // Flags live in byte 13 of the TCP header.
-        pkt.tcp_flags = ctx.load::<u8>(l4 + 13).map_err(|_| ParseError::Malformed)?;
+        pkt.tcp_flags = ctx.read::<u8>(l4 + 13).map_err(|_| ParseError::Malformed)?;
     }
     Ok(pkt)
 }

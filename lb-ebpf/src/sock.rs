@@ -37,12 +37,13 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use lb_common::{
-    CT_REFRESH_NS, CT_TIMEOUT_UDP_NS, SOCK_DIR_FORWARD, SOCK_DIR_REVERSE, SVC_F_MAGLEV,
-    ServiceValue, SockNatKey, SockNatValue, proto, sock,
+    CT_REFRESH_NS, CT_TIMEOUT_UDP_NS, DIR_SOCKET, SOCK_DIR_FORWARD, SOCK_DIR_REVERSE, SVC_F_MAGLEV,
+    ServiceValue, SockNatKey, SockNatValue, proto, reason, sock,
 };
 
 use crate::{
     conntrack::{self, backend_matches},
+    metrics::count,
     parse::Packet,
     service,
 };
@@ -78,15 +79,17 @@ pub static SOCK_NAT: LruHashMap<SockNatKey, SockNatValue> = LruHashMap::pinned(s
 #[unsafe(no_mangle)]
 static NODE_NETNS_COOKIE: Global<u64> = Global::new(0);
 
-/// What a hook did with the address it was given.
+/// What a hook did with the address it was given, and the reason it is counted under.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Outcome {
     /// Not a frontend (or not this namespace's business): left alone.
     Pass,
-    /// Rewritten to a backend.
-    Translated,
-    /// A frontend that takes no new connection: fail the call.
-    Refuse,
+    /// Rewritten to a backend (`new_flow`, `affinity_hit`, or `established` for a
+    /// datagram following its socket's earlier ones).
+    Translated(u32),
+    /// A frontend that takes no new connection: fail the call (`no_backend`, or
+    /// `no_port` for a port the Service does not define).
+    Refuse(u32),
 }
 
 /// `connect(2)` of a TCP or UDP socket.
@@ -104,7 +107,9 @@ pub fn sendmsg4(ctx: &SockAddrContext) -> i32 {
 /// `recvmsg(2)`/`recvfrom(2)` on a UDP socket: the source the application sees.
 #[inline(always)]
 pub fn recvmsg4(ctx: &SockAddrContext) -> i32 {
-    reverse(ctx, proto::UDP);
+    if reverse(ctx, proto::UDP) {
+        count(reason::REPLY, DIR_SOCKET);
+    }
     verdict::ALLOW
 }
 
@@ -113,8 +118,10 @@ pub fn recvmsg4(ctx: &SockAddrContext) -> i32 {
 pub fn getpeername4(ctx: &SockAddrContext) -> i32 {
     // SAFETY: reading a field of the program's context.
     let protocol = unsafe { (*ctx.sock_addr).protocol };
-    if let Some(p) = l4(protocol) {
-        reverse(ctx, p);
+    if let Some(p) = l4(protocol)
+        && reverse(ctx, p)
+    {
+        count(reason::REPLY, DIR_SOCKET);
     }
     verdict::ALLOW
 }
@@ -122,8 +129,16 @@ pub fn getpeername4(ctx: &SockAddrContext) -> i32 {
 #[inline(always)]
 fn finish(outcome: Outcome) -> i32 {
     match outcome {
-        Outcome::Pass | Outcome::Translated => verdict::ALLOW,
-        Outcome::Refuse => {
+        Outcome::Pass => {
+            count(reason::NOT_SERVICE, DIR_SOCKET);
+            verdict::ALLOW
+        }
+        Outcome::Translated(why) => {
+            count(why, DIR_SOCKET);
+            verdict::ALLOW
+        }
+        Outcome::Refuse(why) => {
+            count(why, DIR_SOCKET);
             // SAFETY: helper without pointer arguments.
             unsafe { bpf_set_retval(-ECONNREFUSED) };
             verdict::REJECT
@@ -202,7 +217,7 @@ fn forward(ctx: &SockAddrContext, per_datagram: bool) -> Outcome {
         // A ClusterIP, but a port its Service does not define: refused, as the TC path
         // rejects it.
         if service::is_service_addr(&req) {
-            return Outcome::Refuse;
+            return Outcome::Refuse(reason::NO_PORT);
         }
         return Outcome::Pass;
     };
@@ -213,13 +228,13 @@ fn forward(ctx: &SockAddrContext, per_datagram: bool) -> Outcome {
     let cookie = cookie(ctx);
     if per_datagram && let Some(to) = earlier_backend(cookie, &req, now) {
         rewrite(ctx, to.addr_be, to.port_be);
-        return Outcome::Translated;
+        return Outcome::Translated(reason::ESTABLISHED);
     }
     if svc.count == 0 {
         // No ready backend, or (traffic policy `Local`) none on this node: where the TC
         // path rejects or drops, a local caller is told at once rather than left to time
         // out.
-        return Outcome::Refuse;
+        return Outcome::Refuse(reason::NO_BACKEND);
     }
     // The source port is not chosen yet and the client address is a placeholder, so a
     // Maglev choice would send every local socket to one backend: random slots instead.
@@ -228,7 +243,7 @@ fn forward(ctx: &SockAddrContext, per_datagram: bool) -> Outcome {
         ..svc
     };
     let Some(sel) = service::select(&req, &svc, now) else {
-        return Outcome::Refuse;
+        return Outcome::Refuse(reason::NO_BACKEND);
     };
     let entry = SockNatValue {
         addr_be: req.daddr,
@@ -248,7 +263,7 @@ fn forward(ctx: &SockAddrContext, per_datagram: bool) -> Outcome {
     if !stored && req.proto == proto::UDP {
         // Fail closed: replies could not be given the frontend back, and a UDP client
         // drops datagrams from an address it did not ask.
-        return Outcome::Refuse;
+        return Outcome::Refuse(reason::CT_FULL);
     }
     if per_datagram {
         let fwd = SockNatValue {
@@ -260,7 +275,11 @@ fn forward(ctx: &SockAddrContext, per_datagram: bool) -> Outcome {
         let _ = SOCK_NAT.insert(&forward_key(cookie, &req), &fwd, 0);
     }
     rewrite(ctx, sel.backend.addr_be, sel.backend.port_be);
-    Outcome::Translated
+    Outcome::Translated(if sel.sticky {
+        reason::AFFINITY_HIT
+    } else {
+        reason::NEW_FLOW
+    })
 }
 
 /// The backend this socket's earlier datagrams to the same frontend went to, while it
@@ -306,9 +325,9 @@ fn earlier_backend(cookie: u64, req: &Packet, now: u64) -> Option<SockNatValue> 
     Some(fwd)
 }
 
-/// Backend -> frontend for what the application is shown.
+/// Backend -> frontend for what the application is shown; whether it was one.
 #[inline(always)]
-fn reverse(ctx: &SockAddrContext, proto_nr: u8) {
+fn reverse(ctx: &SockAddrContext, proto_nr: u8) -> bool {
     // SAFETY: reading fields of the program's context.
     let (addr_be, port_be) = unsafe {
         let sa = &*ctx.sock_addr;
@@ -316,8 +335,12 @@ fn reverse(ctx: &SockAddrContext, proto_nr: u8) {
     };
     let key = reverse_key(cookie(ctx), addr_be, port_be, proto_nr);
     // SAFETY: copied out at once.
-    if let Some(entry) = unsafe { SOCK_NAT.get(&key).copied() } {
-        rewrite(ctx, entry.addr_be, entry.port_be);
+    match unsafe { SOCK_NAT.get(&key).copied() } {
+        Some(entry) => {
+            rewrite(ctx, entry.addr_be, entry.port_be);
+            true
+        }
+        None => false,
     }
 }
 

@@ -36,6 +36,30 @@ pub fn log_file(node: &str) -> PathBuf {
     std::env::temp_dir().join(format!("{node}-agent.log"))
 }
 
+/// Default `--metrics-bind-address` port of the agent (on the node namespace's loopback).
+pub const METRICS_PORT: u16 = 10249;
+
+/// `lb_datapath_packets_total{reason, direction}` of the agent in node namespace `node`,
+/// from its `/metrics` (0 when the series is absent: nothing counted yet).
+pub fn datapath_packets(node: &NetNs, reason: &str, direction: &str) -> u64 {
+    use std::io::{Read as _, Write as _};
+    let body = node.run(|| -> std::io::Result<String> {
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], METRICS_PORT));
+        let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
+        s.set_read_timeout(Some(Duration::from_secs(3)))?;
+        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+        let mut raw = String::new();
+        s.read_to_string(&mut raw)?;
+        Ok(raw)
+    });
+    let body = body.unwrap_or_else(|e| panic!("scraping the agent's /metrics: {e}"));
+    let series =
+        format!("lb_datapath_packets_total{{reason=\"{reason}\",direction=\"{direction}\"}} ");
+    body.lines()
+        .find_map(|l| l.strip_prefix(&series)?.trim().parse::<f64>().ok())
+        .map_or(0, |v| v as u64)
+}
+
 /// A running agent with its manifests directory and its bpffs pin directory. Dropping it
 /// stops the agent (SIGTERM, then SIGKILL), prints its log if the test is failing, and
 /// removes the pin directory, the manifests directory and the log.
@@ -153,6 +177,12 @@ impl Agent {
                 .arg("--bpffs-root")
                 .arg(&self.root)
                 .args(["--poll-interval-ms", "100", "--log-level", "info"])
+                .args(
+                    crate::xdp_mode()
+                        .map(|mode| ["--xdp", crate::XDP_DEVICES, "--xdp-mode", mode])
+                        .into_iter()
+                        .flatten(),
+                )
                 .args(&self.extra_args)
                 .env("NO_COLOR", "1")
                 .stdin(Stdio::null())
@@ -241,6 +271,13 @@ impl Agent {
     pub fn restart(&mut self) {
         self.kill9();
         self.spawn();
+    }
+
+    /// Starts the agent again with `args` instead of the extra flags it had (see
+    /// [`Agent::start_with_args`]), on the same manifests and pin directory.
+    pub fn restart_with_args(&mut self, args: &[&str]) {
+        self.extra_args = args.iter().map(|a| (*a).to_owned()).collect();
+        self.restart();
     }
 
     /// The agent's log so far.

@@ -88,6 +88,7 @@ impl Cluster {
             ns.ip(&["addr", "add", &format!("{}/24", lan(host)), "dev", "eth0"]);
             ns.ip(&["link", "set", "eth0", "up"]);
             ns.ip(&["route", "add", "10.96.0.0/12", "via", &lan(11).to_string()]);
+            crate::wire_checksums(&ns, "eth0");
             Member { ns, ip: lan(host) }
         };
         let client = client_at("c", "sw-c", 2);

@@ -31,6 +31,35 @@ pub fn wait_until(what: &str, timeout: Duration, mut pred: impl FnMut() -> bool)
     }
 }
 
+/// Set to `1` (or `generic`), this runs the end-to-end tests with the agents' XDP program
+/// on the devices external traffic arrives on ([`XDP_DEVICES`]), in the agent's `auto`
+/// (native on veth) or `generic` mode: `cargo xtask test` runs the north-south tests
+/// both without and with it, so that the XDP and TC paths pass the same cases.
+pub const XDP_ENV: &str = "LB_E2E_XDP";
+
+/// The agents' `--xdp` in XDP mode: the node ends of the client links (`veth-cN`) and the
+/// LAN device of the two-node network (`veth-up`).
+pub const XDP_DEVICES: &str = "veth-c*,veth-up";
+
+/// The agents' `--xdp-mode` when [`XDP_ENV`] asks for XDP, else `None`.
+pub fn xdp_mode() -> Option<&'static str> {
+    match std::env::var(XDP_ENV).as_deref() {
+        Ok("1" | "auto" | "native") => Some("auto"),
+        Ok("generic") => Some("generic"),
+        _ => None,
+    }
+}
+
+/// In XDP mode, turns transmit checksum offload off on `dev` of a client namespace `ns`.
+/// A local socket's packet crosses a veth with a partial checksum (the sum of the
+/// pseudo-header only), which no NIC ever delivers; the XDP program, like every XDP
+/// program, rewrites complete checksums, so the clients send what a wire would carry.
+pub fn wire_checksums(ns: &netns::NetNs, dev: &str) {
+    if xdp_mode().is_some() {
+        netns::run_in(ns, &["ethtool", "-K", dev, "tx", "off"]);
+    }
+}
+
 /// Whether this process runs as root.
 pub fn is_root() -> bool {
     // SAFETY: no preconditions.

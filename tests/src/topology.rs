@@ -212,6 +212,7 @@ impl TopologyBuilder {
         };
         for k in 1..=self.clients {
             let host = t.link(&format!("{}-c{k}", t.prefix), "veth-c", 200, k);
+            crate::wire_checksums(&host.ns, "eth0");
             t.clients.push(host);
         }
         for _ in 0..self.pods {

@@ -19,7 +19,7 @@ use std::{
 };
 
 use tests::{
-    agent::{Agent, agent_binary},
+    agent::{Agent, agent_binary, datapath_packets},
     missing_kernel_feature, require_root,
     servers::{self, Server},
     topology::Topology,
@@ -297,6 +297,10 @@ fn host_reaches_cluster_ip_over_tcp_with_the_service_as_peer() {
     // Random choice per connection, as in the TC path: 30 connections miss one of three
     // pods with odds of about 1 in 60,000.
     assert_eq!(pods.len(), 3, "connections went to {pods:?} only");
+    // Counted by the hooks: each connect translated, each getpeername shown the Service.
+    let node = &env.topo.node;
+    assert!(datapath_packets(node, "new_flow", "socket") >= 30);
+    assert!(datapath_packets(node, "reply", "socket") >= 30);
 }
 
 #[test]
@@ -398,6 +402,9 @@ fn service_without_endpoints_or_port_is_refused_at_once() {
             run.took
         );
     }
+    let node = &env.topo.node;
+    assert!(datapath_packets(node, "no_backend", "socket") >= 3);
+    assert!(datapath_packets(node, "no_port", "socket") >= 1);
 }
 
 #[test]

@@ -11,7 +11,7 @@ use std::{
 };
 
 use tests::{
-    agent::{Agent, agent_binary},
+    agent::{Agent, agent_binary, datapath_packets},
     clients::{Held, tcp_connect, tcp_hello},
     missing_kernel_feature,
     netns::run_in,
@@ -214,6 +214,45 @@ fn netlink_tc_attachment_carries_a_connection_across_a_restart() {
         1,
         "the new agent replaced the filter in place:\n{shown}"
     );
+    assert!(ask(&env).expect("connect").starts_with("pod-"));
+}
+
+/// `--xdp`: the XDP program carries a connection on the client's device, keeps it while
+/// the agent is down and across a restart (its pinned link gets the new program in place),
+/// and is detached when a restarted agent is no longer asked for it, the TC path carrying
+/// on the same flow.
+#[test]
+fn xdp_carries_a_connection_across_restarts_and_leaves_when_no_longer_asked_for() {
+    let Some(mut env) = env(&[]) else { return };
+    let dev = env.topo.clients[0].veth.node_name.clone();
+    let xdp_progs = |env: &Env| {
+        let out = run_in(&env.topo.node, &["ip", "-d", "link", "show", "dev", &dev]);
+        String::from_utf8_lossy(&out.stdout)
+            .matches("prog/xdp")
+            .count()
+    };
+    assert_eq!(xdp_progs(&env), 0, "no XDP without --xdp");
+    env.agent.restart_with_args(&["--xdp", &dev]);
+    assert_eq!(xdp_progs(&env), 1, "{}", env.agent.log());
+    let (conn, greeting) = env.topo.clients[0]
+        .ns
+        .run(move || tcp_connect(SocketAddr::from((CLUSTER_IP, 80)), TIMEOUT))
+        .expect("connect through the ClusterIP");
+    let mut held = Held::new(conn, greeting).expect("hold the connection");
+    held.exchange("before");
+    assert!(datapath_packets(&env.topo.node, "new_flow", "xdp") > 0);
+
+    env.agent.kill9();
+    assert_eq!(xdp_progs(&env), 1, "XDP outlives the agent");
+    held.exchange("agent-down");
+    env.agent.restart();
+    assert_eq!(xdp_progs(&env), 1, "replaced in place, not added");
+    held.exchange("after-restart");
+    assert!(ask(&env).expect("connect").starts_with("pod-"));
+
+    env.agent.restart_with_args(&[]);
+    assert_eq!(xdp_progs(&env), 0, "detached: {}", env.agent.log());
+    held.exchange("tc-only");
     assert!(ask(&env).expect("connect").starts_with("pod-"));
 }
 

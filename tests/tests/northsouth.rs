@@ -15,13 +15,15 @@ use std::{
 };
 
 use tests::{
-    agent::Agent,
+    agent::{Agent, datapath_packets},
     clients::{Greeting, tcp_connect_from, tcp_hello, udp_ask, udp_connect, udp_connect_from},
     cluster::{Cluster, Member},
-    missing_kernel_feature, require_root,
+    missing_kernel_feature,
+    netns::NetNs,
+    require_root,
     servers::{self, Server},
     topology::{Host, Topology},
-    wait_until,
+    wait_until, xdp_mode,
 };
 
 const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
@@ -35,6 +37,18 @@ const TIMEOUT: Duration = Duration::from_secs(3);
 /// A dropped packet is only seen as no answer; this bounds the wait for one. The
 /// assertions are on the error kind (timed out, not refused), never on a duration.
 const DROP_BOUND: Duration = Duration::from_millis(800);
+
+/// Checks which program made the `reason` decisions on `node`: with the XDP program on
+/// the external devices (`LB_E2E_XDP`), it counted some; without it, nothing is counted
+/// for XDP. The same tests thereby show that each path carries the traffic.
+fn assert_path(node: &NetNs, reason: &str) {
+    let by_xdp = datapath_packets(node, reason, "xdp");
+    if xdp_mode().is_some() {
+        assert!(by_xdp > 0, "the XDP program counted no {reason}");
+    } else {
+        assert_eq!(by_xdp, 0, "{reason} counted by XDP, which is not attached");
+    }
+}
 
 /// Agent first, then servers, then the namespaces: fields drop in declaration order.
 struct Env {
@@ -224,6 +238,8 @@ fn nodeport_on_the_node_address_reaches_pods_with_the_client_address() {
     // on 22 in the node namespace, so the node's own stack refuses.
     let e = hello_within(client, node_ip, 22, TIMEOUT).expect_err("nothing listens on 22");
     assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused);
+    assert_path(&env.topo.node, "new_flow");
+    assert_path(&env.topo.node, "established");
 }
 
 #[test]
@@ -251,6 +267,7 @@ fn external_ip_and_load_balancer_ip_reach_pods_with_the_client_address() {
         assert_saw(&g, client);
     }
     assert_saw(&hello(client, client.veth.node_ip, TCP_NODE_PORT), client);
+    assert_path(&env.topo.node, "new_flow");
 }
 
 #[test]
@@ -287,6 +304,7 @@ fn load_balancer_source_ranges_drop_other_clients() {
     assert_saw(&g, c2);
     assert_saw(&udp(c2, LB_IP, 53), c2);
     assert_dropped(c1, LB_IP, 80, 53);
+    assert_path(&env.topo.node, "source_range_denied");
     // The ranges guard the LoadBalancer IP only: the NodePort and ClusterIP serve all.
     assert_saw(&hello(c1, c1.veth.node_ip, TCP_NODE_PORT), c1);
     assert_saw(&hello(c1, CLUSTER_IP, 80), c1);
@@ -340,6 +358,7 @@ fn external_traffic_policy_local_uses_this_nodes_pods_and_drops_without_them() {
         )
     });
     assert_dropped(client, node_ip, TCP_NODE_PORT, UDP_NODE_PORT);
+    assert_path(&env.topo.node, "no_local_backend");
     assert_saw(&hello(client, CLUSTER_IP, 80), client);
 }
 
@@ -527,6 +546,9 @@ fn nodeport_reaches_pods_on_the_other_node_through_source_nat() {
         }
     }
     assert!(remote_udp, "no UDP answer from the other node's pods");
+    // XDP carried the flows to node 1's own pods and left the others to the TC path.
+    assert_path(&node1.ns, "new_flow");
+    assert_path(&node1.ns, "deferred");
 }
 
 /// The address the datapath gives hairpin flows as their source.

@@ -427,7 +427,49 @@ fn end_to_end(stages: &mut Stages, e2e_args: &[String]) {
         return;
     }
     let started = Instant::now();
-    let output = command(
+    let binaries = match build_test_binaries() {
+        Ok(b) => b,
+        Err(e) => {
+            println!("{e:#}");
+            stages.0.push((
+                format!("{STAGE}: build"),
+                Err(format!("FAILED: {e:#}")),
+                started.elapsed(),
+            ));
+            return;
+        }
+    };
+    if binaries.is_empty() {
+        stages.fail(STAGE, "cargo built no test binary");
+        return;
+    }
+    for (name, path) in binaries {
+        let mut args = vec!["--test-threads=1"];
+        args.extend(e2e_args.iter().map(String::as_str));
+        stages.run(&format!("{STAGE}: {name}"), &path, &args, &[]);
+        if name == XDP_TESTS {
+            // The same north-south cases with the XDP program in front of TC, in both
+            // attach modes.
+            for (mode, label) in [("1", "XDP native"), ("generic", "XDP generic")] {
+                stages.run(
+                    &format!("{STAGE}: {name} ({label})"),
+                    &path,
+                    &args,
+                    &[(tests::XDP_ENV, mode)],
+                );
+            }
+        }
+    }
+}
+
+/// The end-to-end test binary run once more with the agents' XDP program attached.
+const XDP_TESTS: &str = "northsouth";
+
+/// Builds the `tests` crate's test binaries (release, `--no-run`) and returns (target
+/// name, executable) of each: what `cargo xtask test` runs on the host and `cargo xtask
+/// vm` in the guest.
+fn build_test_binaries() -> anyhow::Result<Vec<(String, String)>> {
+    let out = command(
         "cargo",
         &[
             "test",
@@ -441,34 +483,12 @@ fn end_to_end(stages: &mut Stages, e2e_args: &[String]) {
     )
     .stdout(Stdio::piped())
     .stderr(Stdio::inherit())
-    .output();
-    let binaries = match output {
-        Ok(out) if out.status.success() => test_binaries(&out.stdout),
-        Ok(_) => {
-            stages.0.push((
-                format!("{STAGE}: build"),
-                Err("FAILED".into()),
-                started.elapsed(),
-            ));
-            return;
-        }
-        Err(e) => {
-            stages.fail(
-                &format!("{STAGE}: build"),
-                &format!("cannot run cargo: {e}"),
-            );
-            return;
-        }
-    };
-    if binaries.is_empty() {
-        stages.fail(STAGE, "cargo built no test binary");
-        return;
+    .output()
+    .map_err(|e| anyhow::anyhow!("cannot run cargo: {e}"))?;
+    if !out.status.success() {
+        anyhow::bail!("building the end-to-end tests failed");
     }
-    for (name, path) in binaries {
-        let mut args = vec!["--test-threads=1"];
-        args.extend(e2e_args.iter().map(String::as_str));
-        stages.run(&format!("{STAGE}: {name}"), &path, &args, &[]);
-    }
+    Ok(test_binaries(&out.stdout))
 }
 
 /// (target name, executable) of every test binary in cargo's JSON messages; targets other

@@ -33,7 +33,7 @@ use self::{
     report::{Column, Record},
     suite::TestBinary,
 };
-use crate::{command, exec, interrupt, test_binaries, workspace};
+use crate::{exec, interrupt, workspace};
 
 /// The smoke test, run in the guest (and on the host for the kernel table).
 const SMOKE: &str = include_str!("vm/smoke.sh");
@@ -289,28 +289,10 @@ fn run_guest(opts: &Options) -> Result<Option<i32>> {
 /// The integration-test binaries of the `tests` package, built with
 /// `--message-format=json` (their names carry a hash); only `names` when given.
 fn build_tests(names: &[String]) -> Result<Vec<TestBinary>> {
-    let out = command(
-        "cargo",
-        &[
-            "test",
-            "--release",
-            "-p",
-            "tests",
-            "--no-run",
-            "--message-format=json-render-diagnostics",
-        ],
-        &[],
-    )
-    .stdout(Stdio::piped())
-    .stderr(Stdio::inherit())
-    .output()
-    .context("cannot run cargo")?;
-    if !out.status.success() {
-        bail!("building the end-to-end tests failed");
-    }
+    let built = crate::build_test_binaries()?;
     // Targets other than integration tests come back named with their kind
     // (`tests (lib)`): unit tests of pure code, not the kernel's business.
-    let all: Vec<TestBinary> = test_binaries(&out.stdout)
+    let all: Vec<TestBinary> = built
         .into_iter()
         .filter(|(name, _)| !name.contains(' '))
         .map(|(name, path)| TestBinary {
