@@ -45,15 +45,13 @@ use axum::{
     http::{HeaderName, HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
 };
-use k8s_openapi::api::{
-    core::v1::{Endpoints, Service},
-    discovery::v1::EndpointSlice,
-};
+use k8s_openapi::api::core::v1::{Endpoints, Service};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::{
     model::{self, Key, NodePortAddresses, ObjectRef, Objects, Problem},
+    slices::CompactSlice,
     state::{ChangedKeys, SliceIndex},
     telemetry::Telemetry,
 };
@@ -124,7 +122,7 @@ pub fn health_check_node_port(svc: &Service) -> Result<Option<u16>, String> {
 }
 
 /// The number of distinct IPs among the ready endpoints on node `node` of one Service,
-/// given its EndpointSlices (as [`model::slice_service`] assigns them) or, when it has
+/// given its EndpointSlices (as [`CompactSlice::service`] assigns them) or, when it has
 /// none, its v1 Endpoints (read as the mirroring controller would turn them into a slice).
 ///
 /// As kube-proxy reads slices: IPv4 slices only; ports without a number (or 0) carry no
@@ -133,7 +131,7 @@ pub fn health_check_node_port(svc: &Service) -> Result<Option<u16>, String> {
 /// same port (two slices) counts with a non-terminating entry over a terminating one.
 /// Terminating endpoints are not ready, so they never count.
 pub fn local_ready_endpoints<'a>(
-    slices: impl IntoIterator<Item = &'a EndpointSlice>,
+    slices: impl IntoIterator<Item = &'a CompactSlice>,
     endpoints: Option<&Endpoints>,
     node: &str,
 ) -> usize {
@@ -155,26 +153,15 @@ pub fn local_ready_endpoints<'a>(
         terminating_counts: bool,
     }
     let mut seen: BTreeMap<(&str, &str, i32, Ipv4Addr), Seen> = BTreeMap::new();
+    // Compact slices hold IPv4 endpoints only, each its first address with its conditions
+    // resolved, and ports with a number (see `crate::slices`).
     for slice in slices {
-        if slice.address_type != "IPv4" {
-            continue;
-        }
-        for port in slice.ports.iter().flatten() {
-            let Some(number) = port.port.filter(|n| *n != 0) else {
-                continue;
-            };
-            let name = port.name.as_deref().unwrap_or_default();
-            let proto = port.protocol.as_deref().unwrap_or("TCP");
+        for port in &slice.ports {
+            let (name, proto) = (&*port.name, port.protocol.as_str());
             for ep in &slice.endpoints {
-                let Some(Ok(ip)) = ep.addresses.first().map(|a| a.parse::<Ipv4Addr>()) else {
-                    continue;
-                };
-                let c = ep.conditions.as_ref();
-                let ready = c.and_then(|c| c.ready).unwrap_or(true);
-                let terminating = c.and_then(|c| c.terminating).unwrap_or(false);
-                let counts = ready && ep.node_name.as_deref() == Some(node);
-                let s = seen.entry((name, proto, number, ip)).or_default();
-                if terminating {
+                let counts = ep.ready && ep.is_on(node);
+                let s = seen.entry((name, proto, port.port, ep.addr)).or_default();
+                if ep.terminating {
                     s.terminating_counts |= counts;
                 } else {
                     s.live = true;
@@ -221,7 +208,7 @@ fn local_ready_addresses(endpoints: &Endpoints, node: &str) -> usize {
 /// their metadata's namespace and name.
 pub fn desired_table<'a>(
     services: impl IntoIterator<Item = &'a Service>,
-    slices: impl IntoIterator<Item = &'a EndpointSlice>,
+    slices: impl IntoIterator<Item = &'a CompactSlice>,
     endpoints: impl IntoIterator<Item = &'a Endpoints>,
     node: &str,
 ) -> (Table, BTreeSet<Problem>) {
@@ -231,11 +218,11 @@ pub fn desired_table<'a>(
             m.name.as_deref().unwrap_or_default(),
         )
     };
-    let mut slices_of: BTreeMap<(&str, &str), Vec<&EndpointSlice>> = BTreeMap::new();
+    let mut slices_of: BTreeMap<(&str, &str), Vec<&CompactSlice>> = BTreeMap::new();
     for slice in slices {
-        if let Some(service) = model::slice_service(slice) {
+        if let Some(service) = slice.service() {
             slices_of
-                .entry((key(&slice.metadata).0, service))
+                .entry((&slice.namespace, service))
                 .or_default()
                 .push(slice);
         }
@@ -317,7 +304,7 @@ pub trait ObjectLookup {
     /// The Service `key`, if it exists.
     fn service(&self, key: &Key) -> Option<&Service>;
     /// The EndpointSlice `key`, if it exists.
-    fn endpoint_slice(&self, key: &Key) -> Option<&EndpointSlice>;
+    fn endpoint_slice(&self, key: &Key) -> Option<&CompactSlice>;
     /// The v1 Endpoints `key`, if they exist.
     fn endpoints(&self, key: &Key) -> Option<&Endpoints>;
 }
@@ -326,10 +313,10 @@ impl ObjectLookup for Objects {
     fn service(&self, key: &Key) -> Option<&Service> {
         self.services.get(key).map(Borrow::<Service>::borrow)
     }
-    fn endpoint_slice(&self, key: &Key) -> Option<&EndpointSlice> {
+    fn endpoint_slice(&self, key: &Key) -> Option<&CompactSlice> {
         self.endpoint_slices
             .get(key)
-            .map(Borrow::<EndpointSlice>::borrow)
+            .map(Borrow::<CompactSlice>::borrow)
     }
     fn endpoints(&self, key: &Key) -> Option<&Endpoints> {
         self.endpoints.get(key).map(Borrow::<Endpoints>::borrow)
@@ -380,7 +367,7 @@ impl HealthChecks {
         for key in slices {
             let owner = objects
                 .endpoint_slice(key)
-                .and_then(model::slice_service)
+                .and_then(CompactSlice::service)
                 .map(|service| (key.0.clone(), service.to_owned()));
             self.slices.update(key, owner, &mut dirty);
         }
@@ -755,7 +742,7 @@ mod tests {
     #[derive(Default, Clone)]
     struct World {
         services: BTreeMap<Key, Service>,
-        slices: BTreeMap<Key, EndpointSlice>,
+        slices: BTreeMap<Key, CompactSlice>,
         endpoints: BTreeMap<Key, Endpoints>,
     }
 
@@ -769,7 +756,8 @@ mod tests {
             self
         }
         fn slice(mut self, s: Slice) -> Self {
-            self.slices.insert(key_of(&s.0.metadata), s.0);
+            self.slices
+                .insert(key_of(&s.0.metadata), CompactSlice::from(&s.0));
             self
         }
         fn table(&self) -> (Table, BTreeSet<Problem>) {
@@ -786,7 +774,7 @@ mod tests {
         fn service(&self, key: &Key) -> Option<&Service> {
             self.services.get(key)
         }
-        fn endpoint_slice(&self, key: &Key) -> Option<&EndpointSlice> {
+        fn endpoint_slice(&self, key: &Key) -> Option<&CompactSlice> {
             self.slices.get(key)
         }
         fn endpoints(&self, key: &Key) -> Option<&Endpoints> {

@@ -25,6 +25,7 @@ use tracing::{debug, info, instrument, warn};
 
 use crate::{
     model::{Key, Objects},
+    slices::CompactSlice,
     state::{Tracker, Update},
     telemetry::Telemetry,
 };
@@ -115,17 +116,18 @@ enum Signal {
     Error(Kind, watcher::Error),
 }
 
-/// Watches `K` with `selector`, as a stream of [`Signal`]s: every object of a (re)list is
-/// gathered and handed over whole when the list completes (`whole`), and each later event
-/// as one object (`one`). The objects are only held here while a list is in progress;
-/// after that the sync loop's [`Objects`] holds the one copy there is.
-fn watch_kind<K>(
+/// Watches `K` with `selector`, as a stream of [`Signal`]s: each object is turned into the
+/// form the agent keeps (`ingest`) as it arrives, every object of a (re)list is gathered
+/// and handed over whole when the list completes (`whole`), and each later event as one
+/// object (`one`). The objects are only held here while a list is in progress; after that
+/// the sync loop's [`Objects`] holds the one copy there is.
+fn watch_kind<K, V>(
     client: &Client,
     selector: &str,
     kind: Kind,
-    trim: fn(&mut K),
-    whole: fn(BTreeMap<Key, Arc<K>>) -> Update,
-    one: fn(Key, Option<Arc<K>>) -> Update,
+    ingest: fn(K) -> V,
+    whole: fn(BTreeMap<Key, Arc<V>>) -> Update,
+    one: fn(Key, Option<Arc<V>>) -> Update,
 ) -> BoxStream<'static, Signal>
 where
     K: Resource<DynamicType = ()>
@@ -135,26 +137,28 @@ where
         + Send
         + Sync
         + 'static,
+    V: Send + Sync + 'static,
 {
     let config = watcher::Config::default().labels(selector);
     let key = |o: &K| (o.namespace().unwrap_or_default(), o.name_any());
-    let mut listing: BTreeMap<Key, Arc<K>> = BTreeMap::new();
+    let mut listing: BTreeMap<Key, Arc<V>> = BTreeMap::new();
     watcher(Api::<K>::all(client.clone()), config)
         .default_backoff()
-        .modify(trim)
         .map(move |item| match item {
             Ok(watcher::Event::Init) => {
                 listing.clear();
                 Signal::Relisting(kind)
             }
             Ok(watcher::Event::InitApply(o)) => {
-                listing.insert(key(&o), Arc::new(o));
+                listing.insert(key(&o), Arc::new(ingest(o)));
                 Signal::Relisting(kind)
             }
             Ok(watcher::Event::InitDone) => {
                 Signal::Update(kind, whole(std::mem::take(&mut listing)))
             }
-            Ok(watcher::Event::Apply(o)) => Signal::Update(kind, one(key(&o), Some(Arc::new(o)))),
+            Ok(watcher::Event::Apply(o)) => {
+                Signal::Update(kind, one(key(&o), Some(Arc::new(ingest(o)))))
+            }
             Ok(watcher::Event::Delete(o)) => Signal::Update(kind, one(key(&o), None)),
             Err(e) => Signal::Error(kind, e),
         })
@@ -164,21 +168,12 @@ where
 /// Drops what no part of the agent reads and can be large: managedFields, and the copy of
 /// the whole object `kubectl apply` keeps in an annotation. Every object of the cluster is
 /// held in memory, so this is most of a Service's size in practice.
-fn trim<K: Resource>(o: &mut K) {
+fn trim<K: Resource>(mut o: K) -> K {
     o.managed_fields_mut().clear();
     if let Some(a) = o.meta_mut().annotations.as_mut() {
         a.remove(LAST_APPLIED);
     }
-}
-
-/// [`trim`], and of each endpoint the reference to its Pod (the largest part of an
-/// endpoint, unused here) and the deprecated topology map.
-fn trim_slice(s: &mut EndpointSlice) {
-    trim(s);
-    for ep in &mut s.endpoints {
-        ep.target_ref = None;
-        ep.deprecated_topology = None;
-    }
+    o
 }
 
 /// The annotation in which `kubectl apply` keeps the last applied object.
@@ -206,7 +201,7 @@ pub async fn run_observed(
     tx: mpsc::UnboundedSender<Update>,
     telemetry: Arc<Telemetry>,
 ) {
-    let services = watch_kind::<Service>(
+    let services = watch_kind::<Service, _>(
         &client,
         SERVICE_SELECTOR,
         Kind::Services,
@@ -214,11 +209,11 @@ pub async fn run_observed(
         Update::Services,
         Update::Service,
     );
-    let slices = watch_kind::<EndpointSlice>(
+    let slices = watch_kind::<EndpointSlice, _>(
         &client,
         ENDPOINT_SLICE_SELECTOR,
         Kind::EndpointSlices,
-        trim_slice,
+        CompactSlice::from,
         Update::EndpointSlices,
         Update::EndpointSlice,
     );

@@ -14,5 +14,6 @@ pub mod kube_source;
 pub mod manifests;
 pub mod maps;
 pub mod model;
+pub mod slices;
 pub mod state;
 pub mod telemetry;

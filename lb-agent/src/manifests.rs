@@ -25,6 +25,7 @@ use k8s_openapi::api::{
 use serde_json::Value;
 
 use crate::model::{LABEL_SERVICE_NAME, ObjectRef, Objects, Problem};
+use crate::slices::CompactSlice;
 
 /// The manifests directory itself is unusable (problems with single files are
 /// [`Problem`]s in the [`Scan`] instead).
@@ -76,7 +77,7 @@ pub struct Scan {
 #[derive(Debug, Clone, PartialEq)]
 enum Obj {
     Service(Arc<Service>),
-    Slice(Arc<EndpointSlice>),
+    Slice(Arc<CompactSlice>),
     Endpoints(Arc<Endpoints>),
 }
 
@@ -423,7 +424,7 @@ fn collect(
     let obj = match (api_version.as_str(), kind.as_str()) {
         ("v1", "Service") => Obj::Service(Arc::new(serde_json::from_value(doc).map_err(bad)?)),
         ("discovery.k8s.io/v1", "EndpointSlice") => {
-            let slice: Arc<EndpointSlice> = Arc::new(serde_json::from_value(doc).map_err(bad)?);
+            let slice: EndpointSlice = serde_json::from_value(doc).map_err(bad)?;
             let owned = slice
                 .metadata
                 .labels
@@ -435,7 +436,7 @@ fn collect(
                      Service"
                 ));
             }
-            Obj::Slice(slice)
+            Obj::Slice(Arc::new(CompactSlice::from(&slice)))
         }
         ("v1", "Endpoints") => Obj::Endpoints(Arc::new(serde_json::from_value(doc).map_err(bad)?)),
         _ => {

@@ -28,14 +28,12 @@ use std::{
     time::SystemTime,
 };
 
-use k8s_openapi::api::{
-    core::v1::{Endpoints, Service},
-    discovery::v1::EndpointSlice,
-};
+use k8s_openapi::api::core::v1::{Endpoints, Service};
 
 use crate::model::{
     self, Desired, DesiredService, Frontend, Key, NodeContext, Objects, Problem, ServiceClaims,
 };
+use crate::slices::CompactSlice;
 use crate::telemetry;
 
 /// Keys of the objects that were added, changed or deleted between two snapshots.
@@ -76,11 +74,11 @@ pub enum Update {
     /// Every Service there is.
     Services(BTreeMap<Key, Arc<Service>>),
     /// Every EndpointSlice there is.
-    EndpointSlices(BTreeMap<Key, Arc<EndpointSlice>>),
+    EndpointSlices(BTreeMap<Key, Arc<CompactSlice>>),
     /// One Service, as it is now or gone.
     Service(Key, Option<Arc<Service>>),
     /// One EndpointSlice, as it is now or gone.
-    EndpointSlice(Key, Option<Arc<EndpointSlice>>),
+    EndpointSlice(Key, Option<Arc<CompactSlice>>),
     /// Every v1 Endpoints object there is (manifests only: in a cluster the mirroring
     /// controller turns them into EndpointSlices).
     Endpoints(BTreeMap<Key, Arc<Endpoints>>),
@@ -279,8 +277,9 @@ pub struct DesiredCache {
     claims: BTreeMap<Key, ServiceClaims>,
     /// The Services claiming each frontend; the first holds it.
     claimants: BTreeMap<Frontend, SmallSet<Key>>,
-    /// The settled table: each frontend's entry from the Service that holds it.
-    services: BTreeMap<Frontend, DesiredService>,
+    /// The settled table: each frontend's entry from the Service that holds it (the same
+    /// allocation as in that Service's claims).
+    services: BTreeMap<Frontend, Arc<DesiredService>>,
     /// The problems of each Service that has any, sorted.
     problems: BTreeMap<Key, Vec<Problem>>,
     /// Which EndpointSlices belong to which Service.
@@ -417,7 +416,7 @@ impl DesiredCache {
             let owner = objects
                 .endpoint_slices
                 .get(key)
-                .and_then(|s| model::slice_service(s))
+                .and_then(|s| s.service())
                 .map(|service| (key.0.clone(), service.to_owned()));
             self.slices.update(key, owner, &mut dirty);
         }
@@ -426,7 +425,7 @@ impl DesiredCache {
         let mut touched: BTreeSet<Frontend> = BTreeSet::new();
         for key in &dirty {
             let new = objects.services.get(key).map(|svc| {
-                let slices: Vec<&EndpointSlice> = self
+                let slices: Vec<&CompactSlice> = self
                     .slices
                     .slices_of(key)
                     .filter_map(|s| objects.endpoint_slices.get(s).map(|s| &**s))
@@ -464,13 +463,16 @@ impl DesiredCache {
             let winner = self.claimants.get(fe).and_then(|c| c.first());
             let entry = winner
                 .and_then(|k| self.claims.get(k))
-                .and_then(|c| c.frontends.get(fe));
+                .and_then(|c| c.frontends.get_shared(fe));
             match (self.services.get_mut(fe), entry) {
                 (Some(have), Some(want)) if have != want => {
-                    want.clone_into(have);
+                    *have = want.clone();
                     delta.changed.insert(*fe);
                 }
-                (Some(_), Some(_)) => {}
+                (Some(have), Some(want)) => {
+                    // Equal: share the new claim's allocation, so the old one is freed.
+                    *have = want.clone();
+                }
                 (None, Some(want)) => {
                     self.services.insert(*fe, want.clone());
                     delta.added.insert(*fe);
@@ -488,7 +490,7 @@ impl DesiredCache {
                 .claims
                 .get(&key)
                 .map(|c| {
-                    c.problems_with(|fe| self.services.get(fe).map(|s| &s.owner))
+                    c.problems_with(|fe| self.services.get(fe).map(|s| &*s.owner))
                         .into_iter()
                         .collect()
                 })
@@ -507,7 +509,7 @@ impl DesiredCache {
     }
 
     /// The desired entry of every frontend.
-    pub fn services(&self) -> &BTreeMap<Frontend, DesiredService> {
+    pub fn services(&self) -> &BTreeMap<Frontend, Arc<DesiredService>> {
         &self.services
     }
 
@@ -520,7 +522,11 @@ impl DesiredCache {
     /// The whole desired state, as [`model::desired_state`] returns it (a copy).
     pub fn desired(&self) -> Desired {
         Desired {
-            services: self.services.clone(),
+            services: self
+                .services
+                .iter()
+                .map(|(fe, s)| (*fe, DesiredService::clone(s)))
+                .collect(),
             problems: self.problems().cloned().collect(),
         }
     }
@@ -657,7 +663,8 @@ mod tests {
     fn put_slice(o: &mut Objects, s: Slice) {
         let m = &s.0.metadata;
         let key = (m.namespace.clone().unwrap(), m.name.clone().unwrap());
-        o.endpoint_slices.insert(key, s.0.into());
+        o.endpoint_slices
+            .insert(key, Arc::new(CompactSlice::from(&s.0)));
     }
 
     fn k(ns: &str, name: &str) -> Key {
@@ -924,7 +931,7 @@ mod tests {
                 .0;
             s.metadata.annotations =
                 Some([(telemetry::TRIGGER_TIME_ANNOTATION.to_owned(), t.to_owned())].into());
-            Arc::new(s)
+            Arc::new(CompactSlice::from(s))
         };
         let mut t = Tracker::default();
         let key = k("default", "a-1");

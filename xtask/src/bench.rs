@@ -33,6 +33,7 @@ use lb_agent::{
     datapath::{self, Datapath, EGRESS_PROG, INGRESS_PROG, MapSizes},
     frames::frame,
     model::{self, NodeContext, Objects},
+    slices::CompactSlice,
     state::{DesiredCache, Tracker, Update},
 };
 use lb_common::proto;
@@ -134,9 +135,14 @@ pub(crate) fn objects(n: usize) -> Result<Objects> {
         o.services
             .insert(("bench".into(), name.clone()), svc.into());
         o.endpoint_slices
-            .insert(("bench".into(), format!("{name}-1")), slice(i, 0)?.into());
+            .insert(("bench".into(), format!("{name}-1")), compact(slice(i, 0)?));
     }
     Ok(o)
+}
+
+/// A slice in the form the agent keeps, as both sources hand it over.
+pub(crate) fn compact(slice: EndpointSlice) -> Arc<CompactSlice> {
+    Arc::new(CompactSlice::from(&slice))
 }
 
 fn slice(i: usize, generation: u32) -> Result<EndpointSlice> {
@@ -414,7 +420,7 @@ fn control_plane(plan: &Plan) -> Result<Vec<ControlRow>> {
             let key = ("bench".to_owned(), format!("svc-{i}-1"));
             Ok(Update::EndpointSlice(
                 key,
-                Some(Arc::new(slice(i, c as u32 % 3 + 1)?)),
+                Some(compact(slice(i, c as u32 % 3 + 1)?)),
             ))
         };
         for c in 0..plan.changes {
