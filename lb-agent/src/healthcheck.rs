@@ -365,10 +365,7 @@ impl HealthChecks {
         let mut dirty: BTreeSet<Key> = services.into_iter().cloned().collect();
         dirty.extend(endpoints.into_iter().cloned());
         for key in slices {
-            let owner = objects
-                .endpoint_slice(key)
-                .and_then(CompactSlice::service)
-                .map(|service| (key.0.clone(), service.to_owned()));
+            let owner = objects.endpoint_slice(key).and_then(CompactSlice::service);
             self.slices.update(key, owner, &mut dirty);
         }
         for key in dirty {
@@ -405,7 +402,7 @@ impl HealthChecks {
                 let slices = self
                     .slices
                     .slices_of(&key)
-                    .filter_map(|s| objects.endpoint_slice(s));
+                    .filter_map(|s| objects.endpoint_slice(&s));
                 let count = local_ready_endpoints(slices, objects.endpoints(&key), &self.node);
                 self.claims
                     .entry(port)

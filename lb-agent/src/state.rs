@@ -22,6 +22,7 @@
 //! object by object, and shared objects (`Arc`) that did not change are recognised by
 //! their address.
 use std::{
+    borrow::Borrow,
     cmp::Ordering,
     collections::{BTreeMap, BTreeSet, btree_map::Entry},
     sync::Arc,
@@ -286,43 +287,53 @@ pub struct DesiredCache {
     slices: SliceIndex,
 }
 
-/// Which EndpointSlices belong to which Service (keys only), followed one changed slice at a
-/// time, so that a changed slice costs a lookup and its owners before and after are known.
+/// Which EndpointSlices belong to which Service (names only), followed one changed slice
+/// at a time, so that a changed slice costs a lookup and its owners before and after are
+/// known. A slice and its Service share a namespace, so each side keeps the other's name
+/// alone.
 #[derive(Debug, Clone, Default)]
 pub struct SliceIndex {
-    /// The Service each EndpointSlice belongs to (slices the label filter drops: none).
-    owner: BTreeMap<Key, Key>,
-    /// The EndpointSlices of each Service.
-    slices_of: BTreeMap<Key, SmallSet<Key>>,
+    /// The name of the Service each EndpointSlice belongs to (slices the label filter
+    /// drops: none).
+    owner: BTreeMap<Key, Box<str>>,
+    /// The names of the EndpointSlices of each Service.
+    slices_of: BTreeMap<Key, SmallSet<Box<str>>>,
 }
 
 impl SliceIndex {
-    /// Follows slice `key`, which now belongs to `owner` (`None`: it is gone, or belongs
-    /// to no Service), and adds the Services it belonged to before and belongs to now to
-    /// `dirty`: both must be recomputed.
-    pub fn update(&mut self, key: &Key, owner: Option<Key>, dirty: &mut BTreeSet<Key>) {
+    /// Follows slice `key`, which now belongs to Service `owner` of its namespace (`None`:
+    /// it is gone, or belongs to no Service), and adds the Services it belonged to before
+    /// and belongs to now to `dirty`: both must be recomputed.
+    pub fn update(&mut self, key: &Key, owner: Option<&str>, dirty: &mut BTreeSet<Key>) {
+        let (ns, name) = key;
         if let Some(old) = self.owner.remove(key) {
-            if let Entry::Occupied(mut e) = self.slices_of.entry(old.clone()) {
-                e.get_mut().remove(key);
+            let service = (ns.clone(), old.into_string());
+            if let Entry::Occupied(mut e) = self.slices_of.entry(service.clone()) {
+                e.get_mut().remove(name.as_str());
                 if e.get().is_empty() {
                     e.remove();
                 }
             }
-            dirty.insert(old);
+            dirty.insert(service);
         }
         if let Some(owner) = owner {
+            let service = (ns.clone(), owner.to_owned());
             self.slices_of
-                .entry(owner.clone())
+                .entry(service.clone())
                 .or_default()
-                .insert(key.clone());
-            self.owner.insert(key.clone(), owner.clone());
-            dirty.insert(owner);
+                .insert(name.as_str().into());
+            self.owner.insert(key.clone(), owner.into());
+            dirty.insert(service);
         }
     }
 
-    /// The EndpointSlices of Service `service`.
-    pub fn slices_of(&self, service: &Key) -> impl Iterator<Item = &Key> {
-        self.slices_of.get(service).into_iter().flatten()
+    /// The keys of the EndpointSlices of Service `service`.
+    pub fn slices_of<'a>(&'a self, service: &'a Key) -> impl Iterator<Item = Key> + 'a {
+        self.slices_of
+            .get(service)
+            .into_iter()
+            .flatten()
+            .map(|name| (service.0.clone(), name.to_string()))
     }
 }
 
@@ -344,8 +355,11 @@ impl<T: Ord> SmallSet<T> {
         }
     }
 
-    fn remove(&mut self, v: &T) {
-        if let Ok(i) = self.0.binary_search(v) {
+    fn remove<Q: Ord + ?Sized>(&mut self, v: &Q)
+    where
+        T: Borrow<Q>,
+    {
+        if let Ok(i) = self.0.binary_search_by(|x| x.borrow().cmp(v)) {
             self.0.remove(i);
         }
     }
@@ -413,11 +427,7 @@ impl DesiredCache {
         let mut dirty: BTreeSet<Key> = changed.services.clone();
         dirty.extend(changed.endpoints.iter().cloned());
         for key in &changed.endpoint_slices {
-            let owner = objects
-                .endpoint_slices
-                .get(key)
-                .and_then(|s| s.service())
-                .map(|service| (key.0.clone(), service.to_owned()));
+            let owner = objects.endpoint_slices.get(key).and_then(|s| s.service());
             self.slices.update(key, owner, &mut dirty);
         }
 
@@ -428,7 +438,7 @@ impl DesiredCache {
                 let slices: Vec<&CompactSlice> = self
                     .slices
                     .slices_of(key)
-                    .filter_map(|s| objects.endpoint_slices.get(s).map(|s| &**s))
+                    .filter_map(|s| objects.endpoint_slices.get(&s).map(|s| &**s))
                     .collect();
                 model::service_claims(objects, key, svc, &slices, &self.ctx)
             });
