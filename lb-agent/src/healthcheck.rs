@@ -45,12 +45,13 @@ use axum::{
     http::{HeaderName, HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
 };
-use k8s_openapi::api::core::v1::{Endpoints, Service};
+use k8s_openapi::api::core::v1::Endpoints;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::{
-    model::{self, Key, NodePortAddresses, ObjectRef, Objects, Problem},
+    model::{Key, NodePortAddresses, ObjectRef, Objects, Problem},
+    services::CompactService,
     slices::CompactSlice,
     state::{ChangedKeys, SliceIndex},
     telemetry::Telemetry,
@@ -83,18 +84,14 @@ pub type Table = BTreeMap<u16, HealthCheck>;
 /// ClusterIP, at least one port, no `service-proxy-name` label), `Err` with the reason
 /// when it asks for one that cannot be served (no or an invalid `healthCheckNodePort`;
 /// an apiserver always allocates one, a hand-written manifest may lack it).
-pub fn health_check_node_port(svc: &Service) -> Result<Option<u16>, String> {
+pub fn health_check_node_port(svc: &CompactService) -> Result<Option<u16>, String> {
     let Some(spec) = svc.spec.as_ref() else {
         return Ok(None);
     };
     if spec.type_.as_deref() != Some("LoadBalancer")
         || spec.external_traffic_policy.as_deref() != Some("Local")
         || spec.ports.as_ref().is_none_or(Vec::is_empty)
-        || svc
-            .metadata
-            .labels
-            .as_ref()
-            .is_some_and(|l| l.contains_key(model::LABEL_SERVICE_PROXY_NAME))
+        || svc.other_proxy
     {
         return Ok(None);
     }
@@ -207,7 +204,7 @@ fn local_ready_addresses(endpoints: &Endpoints, node: &str) -> usize {
 /// reference that [`HealthChecks`] keeps up to date incrementally. Objects are keyed by
 /// their metadata's namespace and name.
 pub fn desired_table<'a>(
-    services: impl IntoIterator<Item = &'a Service>,
+    services: impl IntoIterator<Item = &'a CompactService>,
     slices: impl IntoIterator<Item = &'a CompactSlice>,
     endpoints: impl IntoIterator<Item = &'a Endpoints>,
     node: &str,
@@ -234,7 +231,7 @@ pub fn desired_table<'a>(
     let mut claims: Claims = BTreeMap::new();
     let mut problems = BTreeSet::new();
     for svc in services {
-        let (ns, name) = key(&svc.metadata);
+        let (ns, name) = (&*svc.namespace, &*svc.name);
         match health_check_node_port(svc) {
             Ok(None) => {}
             Ok(Some(port)) => {
@@ -302,7 +299,7 @@ fn clash_problems(claims: &Claims) -> impl Iterator<Item = Problem> + '_ {
 /// source keeps them in.
 pub trait ObjectLookup {
     /// The Service `key`, if it exists.
-    fn service(&self, key: &Key) -> Option<&Service>;
+    fn service(&self, key: &Key) -> Option<&CompactService>;
     /// The EndpointSlice `key`, if it exists.
     fn endpoint_slice(&self, key: &Key) -> Option<&CompactSlice>;
     /// The v1 Endpoints `key`, if they exist.
@@ -310,8 +307,8 @@ pub trait ObjectLookup {
 }
 
 impl ObjectLookup for Objects {
-    fn service(&self, key: &Key) -> Option<&Service> {
-        self.services.get(key).map(Borrow::<Service>::borrow)
+    fn service(&self, key: &Key) -> Option<&CompactService> {
+        self.services.get(key).map(Borrow::<CompactService>::borrow)
     }
     fn endpoint_slice(&self, key: &Key) -> Option<&CompactSlice> {
         self.endpoint_slices
@@ -738,7 +735,7 @@ mod tests {
     /// Test objects in plain maps (the agent's own container may differ).
     #[derive(Default, Clone)]
     struct World {
-        services: BTreeMap<Key, Service>,
+        services: BTreeMap<Key, CompactService>,
         slices: BTreeMap<Key, CompactSlice>,
         endpoints: BTreeMap<Key, Endpoints>,
     }
@@ -749,7 +746,8 @@ mod tests {
 
     impl World {
         fn svc(mut self, s: Svc) -> Self {
-            self.services.insert(key_of(&s.0.metadata), s.0);
+            self.services
+                .insert(key_of(&s.0.metadata), CompactService::from(&s.0));
             self
         }
         fn slice(mut self, s: Slice) -> Self {
@@ -768,7 +766,7 @@ mod tests {
     }
 
     impl ObjectLookup for World {
-        fn service(&self, key: &Key) -> Option<&Service> {
+        fn service(&self, key: &Key) -> Option<&CompactService> {
             self.services.get(key)
         }
         fn endpoint_slice(&self, key: &Key) -> Option<&CompactSlice> {
@@ -917,7 +915,7 @@ mod tests {
             // Another proxy's.
             .slice(
                 slice("default", "web-3", "web")
-                    .label(model::LABEL_SERVICE_PROXY_NAME, "other")
+                    .label(crate::model::LABEL_SERVICE_PROXY_NAME, "other")
                     .port("http", 8080, "TCP")
                     .ready("10.0.0.3")
                     .on(NODE),
@@ -990,7 +988,8 @@ mod tests {
             ),
             (
                 "another proxy's",
-                lb_local("default", "web", 32000).label(model::LABEL_SERVICE_PROXY_NAME, "other"),
+                lb_local("default", "web", 32000)
+                    .label(crate::model::LABEL_SERVICE_PROXY_NAME, "other"),
             ),
             ("no ports", {
                 let mut s = lb_local("default", "web", 32000);

@@ -8,7 +8,8 @@
 //! changed, so one change costs work for one object, not a pass over the cluster. Nothing
 //! is programmed until both initial lists are complete, so a half-listed cluster never
 //! empties the maps, and a relist replaces every object of its kind, so objects deleted
-//! while a watch was down go away.
+//! while a watch was down go away. Each object is turned into the form the agent keeps
+//! ([`CompactService`], [`CompactSlice`]) as it arrives, so nothing else of it is held.
 use std::{collections::BTreeMap, path::Path, sync::Arc};
 
 use futures::{StreamExt, stream::BoxStream};
@@ -25,6 +26,7 @@ use tracing::{debug, info, instrument, warn};
 
 use crate::{
     model::{Key, Objects},
+    services::CompactService,
     slices::CompactSlice,
     state::{Tracker, Update},
     telemetry::Telemetry,
@@ -165,20 +167,6 @@ where
         .boxed()
 }
 
-/// Drops what no part of the agent reads and can be large: managedFields, and the copy of
-/// the whole object `kubectl apply` keeps in an annotation. Every object of the cluster is
-/// held in memory, so this is most of a Service's size in practice.
-fn trim<K: Resource>(mut o: K) -> K {
-    o.managed_fields_mut().clear();
-    if let Some(a) = o.meta_mut().annotations.as_mut() {
-        a.remove(LAST_APPLIED);
-    }
-    o
-}
-
-/// The annotation in which `kubectl apply` keeps the last applied object.
-const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
-
 /// Per-watch bookkeeping of the loop.
 #[derive(Default)]
 struct Progress {
@@ -205,7 +193,7 @@ pub async fn run_observed(
         &client,
         SERVICE_SELECTOR,
         Kind::Services,
-        trim::<Service>,
+        CompactService::from,
         Update::Services,
         Update::Service,
     );

@@ -14,6 +14,7 @@ pub mod kube_source;
 pub mod manifests;
 pub mod maps;
 pub mod model;
+pub mod services;
 pub mod slices;
 pub mod state;
 pub mod telemetry;

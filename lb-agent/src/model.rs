@@ -35,10 +35,11 @@ use std::{
     sync::Arc,
 };
 
-use k8s_openapi::api::core::v1::{Endpoints, Service, ServiceSpec};
+use k8s_openapi::api::core::v1::Endpoints;
 use lb_common::proto;
 use serde_json::json;
 
+use crate::services::{CompactService, CompactServiceSpec};
 use crate::slices::CompactSlice;
 
 /// Label that hands a Service to another proxy.
@@ -282,7 +283,7 @@ impl NodePortAddresses {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Objects {
     /// Services by (namespace, name).
-    pub services: BTreeMap<Key, Arc<Service>>,
+    pub services: BTreeMap<Key, Arc<CompactService>>,
     /// EndpointSlices by (namespace, name), in the compact form both sources make.
     pub endpoint_slices: BTreeMap<Key, Arc<CompactSlice>>,
     /// v1 Endpoints by (namespace, name) (the Service's name).
@@ -589,7 +590,7 @@ impl ServiceClaims {
 pub fn service_claims(
     objects: &Objects,
     key: &Key,
-    svc: &Service,
+    svc: &CompactService,
     slices: &[&CompactSlice],
     ctx: &NodeContext,
 ) -> ServiceClaims {
@@ -609,12 +610,7 @@ pub fn service_claims(
     if spec.type_.as_deref() == Some("ExternalName") {
         return claims;
     }
-    if svc
-        .metadata
-        .labels
-        .as_ref()
-        .is_some_and(|l| l.contains_key(LABEL_SERVICE_PROXY_NAME))
-    {
+    if svc.other_proxy {
         return claims;
     }
     let ips = cluster_ips(spec);
@@ -803,8 +799,8 @@ struct NorthSouth {
 
 impl NorthSouth {
     fn of(
-        svc: &Service,
-        spec: &ServiceSpec,
+        svc: &CompactService,
+        spec: &CompactServiceSpec,
         owner: &ObjectRef,
         allowed_external: Option<&[Cidr]>,
         problems: &mut BTreeSet<Problem>,
@@ -843,12 +839,7 @@ impl NorthSouth {
         }
         let mut lb_ips = BTreeSet::new();
         if load_balancer {
-            let ingress = svc
-                .status
-                .as_ref()
-                .and_then(|s| s.load_balancer.as_ref())
-                .and_then(|lb| lb.ingress.as_ref());
-            for ing in ingress.into_iter().flatten() {
+            for ing in &svc.lb_ingress {
                 // `Proxy`: the load balancer delivers to the node with its own address as
                 // destination; the node must not take the IP for itself.
                 if ing.ip_mode.as_deref() == Some("Proxy") {
@@ -913,7 +904,7 @@ impl NorthSouth {
 }
 
 /// `spec.clusterIPs`, or `spec.clusterIP` when the list is absent (older objects).
-fn cluster_ips(spec: &ServiceSpec) -> Vec<String> {
+fn cluster_ips(spec: &CompactServiceSpec) -> Vec<String> {
     match (&spec.cluster_ips, &spec.cluster_ip) {
         (Some(ips), _) if !ips.is_empty() => ips.clone(),
         (_, Some(ip)) if !ip.is_empty() => vec![ip.clone()],
@@ -923,16 +914,11 @@ fn cluster_ips(spec: &ServiceSpec) -> Vec<String> {
 
 /// The `sessionAffinity: ClientIP` timeout, clamped to what the API accepts, and a note
 /// when it had to be clamped (a hand-written manifest is not validated by an apiserver).
-fn affinity_timeout(spec: &ServiceSpec) -> (Option<u32>, Option<String>) {
+fn affinity_timeout(spec: &CompactServiceSpec) -> (Option<u32>, Option<String>) {
     if spec.session_affinity.as_deref() != Some("ClientIP") {
         return (None, None);
     }
-    let timeout = spec
-        .session_affinity_config
-        .as_ref()
-        .and_then(|c| c.client_ip.as_ref())
-        .and_then(|c| c.timeout_seconds);
-    let Some(t) = timeout else {
+    let Some(t) = spec.affinity_timeout_seconds else {
         return (Some(DEFAULT_AFFINITY_TIMEOUT_S), None);
     };
     let clamped = u32::try_from(t)
@@ -1399,7 +1385,9 @@ pub mod fixtures {
         /// Adds a Service.
         pub fn svc(mut self, s: Svc) -> Self {
             let k = key(&s.0.metadata);
-            self.0.services.insert(k, s.0.into());
+            self.0
+                .services
+                .insert(k, Arc::new(CompactService::from(&s.0)));
             self
         }
         /// Adds a slice.

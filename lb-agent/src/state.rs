@@ -29,11 +29,12 @@ use std::{
     time::SystemTime,
 };
 
-use k8s_openapi::api::core::v1::{Endpoints, Service};
+use k8s_openapi::api::core::v1::Endpoints;
 
 use crate::model::{
     self, Desired, DesiredService, Frontend, Key, NodeContext, Objects, Problem, ServiceClaims,
 };
+use crate::services::CompactService;
 use crate::slices::CompactSlice;
 use crate::telemetry;
 
@@ -73,11 +74,11 @@ impl ChangedKeys {
 #[derive(Debug, Clone)]
 pub enum Update {
     /// Every Service there is.
-    Services(BTreeMap<Key, Arc<Service>>),
+    Services(BTreeMap<Key, Arc<CompactService>>),
     /// Every EndpointSlice there is.
     EndpointSlices(BTreeMap<Key, Arc<CompactSlice>>),
     /// One Service, as it is now or gone.
-    Service(Key, Option<Arc<Service>>),
+    Service(Key, Option<Arc<CompactService>>),
     /// One EndpointSlice, as it is now or gone.
     EndpointSlice(Key, Option<Arc<CompactSlice>>),
     /// Every v1 Endpoints object there is (manifests only: in a cluster the mirroring
@@ -667,7 +668,7 @@ mod tests {
     fn put_svc(o: &mut Objects, s: Svc) {
         let m = &s.0.metadata;
         let key = (m.namespace.clone().unwrap(), m.name.clone().unwrap());
-        o.services.insert(key, s.0.into());
+        o.services.insert(key, Arc::new(CompactService::from(&s.0)));
     }
 
     fn put_slice(o: &mut Objects, s: Slice) {

@@ -33,6 +33,7 @@ use lb_agent::{
     datapath::{self, Datapath, EGRESS_PROG, INGRESS_PROG, MapSizes},
     frames::frame,
     model::{self, NodeContext, Objects},
+    services::CompactService,
     slices::CompactSlice,
     state::{DesiredCache, Tracker, Update},
 };
@@ -132,8 +133,10 @@ pub(crate) fn objects(n: usize) -> Result<Objects> {
             "spec": {"clusterIP": cluster_ip(i).to_string(),
                      "ports": [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080}]}
         }))?;
-        o.services
-            .insert(("bench".into(), name.clone()), svc.into());
+        o.services.insert(
+            ("bench".into(), name.clone()),
+            Arc::new(CompactService::from(&svc)),
+        );
         o.endpoint_slices
             .insert(("bench".into(), format!("{name}-1")), compact(slice(i, 0)?));
     }

@@ -711,7 +711,7 @@ impl LbGuard {
                 let mut objs = objects(n)?;
                 let (svc, slice) = target_objects(&pods)?;
                 objs.services
-                    .insert(("bench".into(), "target".into()), svc.into());
+                    .insert(("bench".into(), "target".into()), Arc::new(svc.into()));
                 objs.endpoint_slices
                     .insert(("bench".into(), "target-1".into()), compact(slice));
                 datapath::prepare(&root)?;
