@@ -202,7 +202,7 @@ fn local_ready_addresses(endpoints: &Endpoints, node: &str) -> usize {
 
 /// The table the node `node` serves for these objects, and the problems found: the
 /// reference that [`HealthChecks`] keeps up to date incrementally. Objects are keyed by
-/// their metadata's namespace and name.
+/// their namespace and name.
 pub fn desired_table<'a>(
     services: impl IntoIterator<Item = &'a CompactService>,
     slices: impl IntoIterator<Item = &'a CompactSlice>,
