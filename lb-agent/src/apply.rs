@@ -41,6 +41,7 @@
 //! including across agent restarts ([`Applier::adopt`] reads them back from the pinned
 //! maps): connection-tracking and affinity entries in the kernel refer to them.
 use std::{
+    borrow::Borrow,
     collections::{BTreeMap, BTreeSet},
     fmt,
     net::Ipv4Addr,
@@ -137,7 +138,7 @@ impl Ids {
 struct FrontendState {
     service_id: u32,
     /// The Service that owns the frontend, for messages (unknown right after adoption).
-    owner: Option<ObjectRef>,
+    owner: Option<Arc<ObjectRef>>,
     /// Slot 0, `None` when not in the map.
     head: Option<ServiceValue>,
     /// Backend id of slots `1..=len` as the map holds them (0: slot missing). Its length is
@@ -514,9 +515,9 @@ impl Applier {
     /// [`Applier::sync`] over the frontend table alone (what `state::DesiredCache`
     /// holds): the full sync, for the first sync after [`Applier::adopt`] and as a
     /// periodic safety net next to [`Applier::sync_frontends`].
-    pub fn sync_services(
+    pub fn sync_services<D: Borrow<DesiredService>>(
         &mut self,
-        desired: &BTreeMap<Frontend, DesiredService>,
+        desired: &BTreeMap<Frontend, D>,
         maps: &mut impl ServiceMaps,
     ) -> Result<SyncStats, ApplyError> {
         // Every frontend is examined, so nothing is left over to retry.
@@ -543,9 +544,9 @@ impl Applier {
     /// cost follows the size of the change, not the number of Services. The guarantees
     /// are those of `sync`, provided every other frontend's entry in `desired` is what the
     /// previous sync was given.
-    pub fn sync_frontends(
+    pub fn sync_frontends<D: Borrow<DesiredService>>(
         &mut self,
-        desired: &BTreeMap<Frontend, DesiredService>,
+        desired: &BTreeMap<Frontend, D>,
         frontends: impl IntoIterator<Item = Frontend>,
         maps: &mut impl ServiceMaps,
     ) -> Result<SyncStats, ApplyError> {
@@ -560,9 +561,9 @@ impl Applier {
 
     /// Brings `frontends` and the markers of `addrs` to `desired`; frontends and markers
     /// that fail are remembered for the next [`Applier::sync_frontends`].
-    fn sync_some(
+    fn sync_some<D: Borrow<DesiredService>>(
         &mut self,
-        desired: &BTreeMap<Frontend, DesiredService>,
+        desired: &BTreeMap<Frontend, D>,
         frontends: BTreeSet<Frontend>,
         addrs: BTreeSet<Ipv4Addr>,
         maps: &mut impl ServiceMaps,
@@ -597,7 +598,10 @@ impl Applier {
         let mut order: Vec<(u8, Frontend)> = frontends
             .into_iter()
             .filter_map(|fe| {
-                let class = match (self.frontends.get(&fe), desired.get(&fe)) {
+                let class = match (
+                    self.frontends.get(&fe),
+                    desired.get(&fe).map(Borrow::borrow),
+                ) {
                     (Some(_), None) => 0,
                     (Some(st), Some(d)) => {
                         let grows = d.active.len() > st.slots.len()
@@ -612,7 +616,8 @@ impl Applier {
             .collect();
         order.sort();
         for (_, fe) in order {
-            if let Err((problem, undo_failed)) = self.apply_frontend(&fe, desired.get(&fe), &mut w)
+            if let Err((problem, undo_failed)) =
+                self.apply_frontend(&fe, desired.get(&fe).map(Borrow::borrow), &mut w)
             {
                 w.stats.failed.push(problem);
                 self.retry.insert(fe);
@@ -626,7 +631,7 @@ impl Applier {
         if resync {
             // A write could not be undone: the mirror no longer knows what the maps hold.
             // Read them back; the next sync converges from there.
-            let owners: BTreeMap<Frontend, ObjectRef> = self
+            let owners: BTreeMap<Frontend, Arc<ObjectRef>> = self
                 .frontends
                 .iter()
                 .filter_map(|(fe, st)| Some((*fe, st.owner.clone()?)))
@@ -665,9 +670,10 @@ impl Applier {
             (None, None) => return Ok(()),
         };
         let problem = |why: String| {
-            let object = owner
-                .clone()
-                .unwrap_or_else(|| ObjectRef::new("Frontend", "", &fe.to_string()));
+            let object = owner.as_deref().map_or_else(
+                || ObjectRef::new("Frontend", "", &fe.to_string()),
+                ObjectRef::clone,
+            );
             Problem::new(object, format!("{fe} {outcome}: {why}"))
         };
         let new_service_id = existing.is_none().then(|| self.service_ids.alloc());
@@ -824,7 +830,7 @@ impl Applier {
     /// One marker per address that has at least one ClusterIP frontend in the map; written after
     /// the frontends it covers, deleted after the last of them. Only `addrs` are looked at.
     fn sync_markers<M: ServiceMaps>(&mut self, addrs: BTreeSet<Ipv4Addr>, w: &mut Writer<'_, M>) {
-        let mut wanted: Vec<(Ipv4Addr, Option<ObjectRef>)> = Vec::new();
+        let mut wanted: Vec<(Ipv4Addr, Option<Arc<ObjectRef>>)> = Vec::new();
         let mut stale: Vec<Ipv4Addr> = Vec::new();
         for addr in addrs {
             // Frontends sort by address first: this range is the address's frontends.
@@ -862,7 +868,10 @@ impl Applier {
                 Err(e) => {
                     self.retry_markers.insert(addr);
                     failed.push(Problem::new(
-                        owner.unwrap_or_else(|| ObjectRef::new("Address", "", &addr.to_string())),
+                        owner.as_deref().map_or_else(
+                            || ObjectRef::new("Address", "", &addr.to_string()),
+                            ObjectRef::clone,
+                        ),
                         format!(
                             "address marker {addr} not added (ports it does not define are \
                              passed instead of rejected): {}",
@@ -1158,7 +1167,7 @@ pub(crate) mod tests {
         affinity: Option<u32>,
     ) -> DesiredService {
         DesiredService {
-            owner: ObjectRef::new("Service", "default", name),
+            owner: Arc::new(ObjectRef::new("Service", "default", name)),
             port_name: String::new(),
             active: active.iter().map(|l| b(*l)).collect(),
             terminating: terminating.iter().map(|l| b(*l)).collect(),

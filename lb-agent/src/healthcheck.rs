@@ -45,15 +45,14 @@ use axum::{
     http::{HeaderName, HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
 };
-use k8s_openapi::api::{
-    core::v1::{Endpoints, Service},
-    discovery::v1::EndpointSlice,
-};
+use k8s_openapi::api::core::v1::Endpoints;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::{
-    model::{self, Key, NodePortAddresses, ObjectRef, Objects, Problem},
+    model::{Key, NodePortAddresses, ObjectRef, Objects, Problem},
+    services::CompactService,
+    slices::CompactSlice,
     state::{ChangedKeys, SliceIndex},
     telemetry::Telemetry,
 };
@@ -85,18 +84,14 @@ pub type Table = BTreeMap<u16, HealthCheck>;
 /// ClusterIP, at least one port, no `service-proxy-name` label), `Err` with the reason
 /// when it asks for one that cannot be served (no or an invalid `healthCheckNodePort`;
 /// an apiserver always allocates one, a hand-written manifest may lack it).
-pub fn health_check_node_port(svc: &Service) -> Result<Option<u16>, String> {
+pub fn health_check_node_port(svc: &CompactService) -> Result<Option<u16>, String> {
     let Some(spec) = svc.spec.as_ref() else {
         return Ok(None);
     };
     if spec.type_.as_deref() != Some("LoadBalancer")
         || spec.external_traffic_policy.as_deref() != Some("Local")
         || spec.ports.as_ref().is_none_or(Vec::is_empty)
-        || svc
-            .metadata
-            .labels
-            .as_ref()
-            .is_some_and(|l| l.contains_key(model::LABEL_SERVICE_PROXY_NAME))
+        || svc.other_proxy
     {
         return Ok(None);
     }
@@ -124,7 +119,7 @@ pub fn health_check_node_port(svc: &Service) -> Result<Option<u16>, String> {
 }
 
 /// The number of distinct IPs among the ready endpoints on node `node` of one Service,
-/// given its EndpointSlices (as [`model::slice_service`] assigns them) or, when it has
+/// given its EndpointSlices (as [`CompactSlice::service`] assigns them) or, when it has
 /// none, its v1 Endpoints (read as the mirroring controller would turn them into a slice).
 ///
 /// As kube-proxy reads slices: IPv4 slices only; ports without a number (or 0) carry no
@@ -133,7 +128,7 @@ pub fn health_check_node_port(svc: &Service) -> Result<Option<u16>, String> {
 /// same port (two slices) counts with a non-terminating entry over a terminating one.
 /// Terminating endpoints are not ready, so they never count.
 pub fn local_ready_endpoints<'a>(
-    slices: impl IntoIterator<Item = &'a EndpointSlice>,
+    slices: impl IntoIterator<Item = &'a CompactSlice>,
     endpoints: Option<&Endpoints>,
     node: &str,
 ) -> usize {
@@ -155,26 +150,15 @@ pub fn local_ready_endpoints<'a>(
         terminating_counts: bool,
     }
     let mut seen: BTreeMap<(&str, &str, i32, Ipv4Addr), Seen> = BTreeMap::new();
+    // Compact slices hold IPv4 endpoints only, each its first address with its conditions
+    // resolved, and ports with a number (see `crate::slices`).
     for slice in slices {
-        if slice.address_type != "IPv4" {
-            continue;
-        }
-        for port in slice.ports.iter().flatten() {
-            let Some(number) = port.port.filter(|n| *n != 0) else {
-                continue;
-            };
-            let name = port.name.as_deref().unwrap_or_default();
-            let proto = port.protocol.as_deref().unwrap_or("TCP");
+        for port in &slice.ports {
+            let (name, proto) = (&*port.name, port.protocol.as_str());
             for ep in &slice.endpoints {
-                let Some(Ok(ip)) = ep.addresses.first().map(|a| a.parse::<Ipv4Addr>()) else {
-                    continue;
-                };
-                let c = ep.conditions.as_ref();
-                let ready = c.and_then(|c| c.ready).unwrap_or(true);
-                let terminating = c.and_then(|c| c.terminating).unwrap_or(false);
-                let counts = ready && ep.node_name.as_deref() == Some(node);
-                let s = seen.entry((name, proto, number, ip)).or_default();
-                if terminating {
+                let counts = ep.ready && ep.is_on(node);
+                let s = seen.entry((name, proto, port.port, ep.addr)).or_default();
+                if ep.terminating {
                     s.terminating_counts |= counts;
                 } else {
                     s.live = true;
@@ -218,10 +202,10 @@ fn local_ready_addresses(endpoints: &Endpoints, node: &str) -> usize {
 
 /// The table the node `node` serves for these objects, and the problems found: the
 /// reference that [`HealthChecks`] keeps up to date incrementally. Objects are keyed by
-/// their metadata's namespace and name.
+/// their namespace and name.
 pub fn desired_table<'a>(
-    services: impl IntoIterator<Item = &'a Service>,
-    slices: impl IntoIterator<Item = &'a EndpointSlice>,
+    services: impl IntoIterator<Item = &'a CompactService>,
+    slices: impl IntoIterator<Item = &'a CompactSlice>,
     endpoints: impl IntoIterator<Item = &'a Endpoints>,
     node: &str,
 ) -> (Table, BTreeSet<Problem>) {
@@ -231,11 +215,11 @@ pub fn desired_table<'a>(
             m.name.as_deref().unwrap_or_default(),
         )
     };
-    let mut slices_of: BTreeMap<(&str, &str), Vec<&EndpointSlice>> = BTreeMap::new();
+    let mut slices_of: BTreeMap<(&str, &str), Vec<&CompactSlice>> = BTreeMap::new();
     for slice in slices {
-        if let Some(service) = model::slice_service(slice) {
+        if let Some(service) = slice.service() {
             slices_of
-                .entry((key(&slice.metadata).0, service))
+                .entry((&slice.namespace, service))
                 .or_default()
                 .push(slice);
         }
@@ -247,7 +231,7 @@ pub fn desired_table<'a>(
     let mut claims: Claims = BTreeMap::new();
     let mut problems = BTreeSet::new();
     for svc in services {
-        let (ns, name) = key(&svc.metadata);
+        let (ns, name) = (&*svc.namespace, &*svc.name);
         match health_check_node_port(svc) {
             Ok(None) => {}
             Ok(Some(port)) => {
@@ -315,21 +299,21 @@ fn clash_problems(claims: &Claims) -> impl Iterator<Item = Problem> + '_ {
 /// source keeps them in.
 pub trait ObjectLookup {
     /// The Service `key`, if it exists.
-    fn service(&self, key: &Key) -> Option<&Service>;
+    fn service(&self, key: &Key) -> Option<&CompactService>;
     /// The EndpointSlice `key`, if it exists.
-    fn endpoint_slice(&self, key: &Key) -> Option<&EndpointSlice>;
+    fn endpoint_slice(&self, key: &Key) -> Option<&CompactSlice>;
     /// The v1 Endpoints `key`, if they exist.
     fn endpoints(&self, key: &Key) -> Option<&Endpoints>;
 }
 
 impl ObjectLookup for Objects {
-    fn service(&self, key: &Key) -> Option<&Service> {
-        self.services.get(key).map(Borrow::<Service>::borrow)
+    fn service(&self, key: &Key) -> Option<&CompactService> {
+        self.services.get(key).map(Borrow::<CompactService>::borrow)
     }
-    fn endpoint_slice(&self, key: &Key) -> Option<&EndpointSlice> {
+    fn endpoint_slice(&self, key: &Key) -> Option<&CompactSlice> {
         self.endpoint_slices
             .get(key)
-            .map(Borrow::<EndpointSlice>::borrow)
+            .map(Borrow::<CompactSlice>::borrow)
     }
     fn endpoints(&self, key: &Key) -> Option<&Endpoints> {
         self.endpoints.get(key).map(Borrow::<Endpoints>::borrow)
@@ -378,10 +362,7 @@ impl HealthChecks {
         let mut dirty: BTreeSet<Key> = services.into_iter().cloned().collect();
         dirty.extend(endpoints.into_iter().cloned());
         for key in slices {
-            let owner = objects
-                .endpoint_slice(key)
-                .and_then(model::slice_service)
-                .map(|service| (key.0.clone(), service.to_owned()));
+            let owner = objects.endpoint_slice(key).and_then(CompactSlice::service);
             self.slices.update(key, owner, &mut dirty);
         }
         for key in dirty {
@@ -418,7 +399,7 @@ impl HealthChecks {
                 let slices = self
                     .slices
                     .slices_of(&key)
-                    .filter_map(|s| objects.endpoint_slice(s));
+                    .filter_map(|s| objects.endpoint_slice(&s));
                 let count = local_ready_endpoints(slices, objects.endpoints(&key), &self.node);
                 self.claims
                     .entry(port)
@@ -754,8 +735,8 @@ mod tests {
     /// Test objects in plain maps (the agent's own container may differ).
     #[derive(Default, Clone)]
     struct World {
-        services: BTreeMap<Key, Service>,
-        slices: BTreeMap<Key, EndpointSlice>,
+        services: BTreeMap<Key, CompactService>,
+        slices: BTreeMap<Key, CompactSlice>,
         endpoints: BTreeMap<Key, Endpoints>,
     }
 
@@ -765,11 +746,13 @@ mod tests {
 
     impl World {
         fn svc(mut self, s: Svc) -> Self {
-            self.services.insert(key_of(&s.0.metadata), s.0);
+            self.services
+                .insert(key_of(&s.0.metadata), CompactService::from(&s.0));
             self
         }
         fn slice(mut self, s: Slice) -> Self {
-            self.slices.insert(key_of(&s.0.metadata), s.0);
+            self.slices
+                .insert(key_of(&s.0.metadata), CompactSlice::from(&s.0));
             self
         }
         fn table(&self) -> (Table, BTreeSet<Problem>) {
@@ -783,10 +766,10 @@ mod tests {
     }
 
     impl ObjectLookup for World {
-        fn service(&self, key: &Key) -> Option<&Service> {
+        fn service(&self, key: &Key) -> Option<&CompactService> {
             self.services.get(key)
         }
-        fn endpoint_slice(&self, key: &Key) -> Option<&EndpointSlice> {
+        fn endpoint_slice(&self, key: &Key) -> Option<&CompactSlice> {
             self.slices.get(key)
         }
         fn endpoints(&self, key: &Key) -> Option<&Endpoints> {
@@ -932,7 +915,7 @@ mod tests {
             // Another proxy's.
             .slice(
                 slice("default", "web-3", "web")
-                    .label(model::LABEL_SERVICE_PROXY_NAME, "other")
+                    .label(crate::model::LABEL_SERVICE_PROXY_NAME, "other")
                     .port("http", 8080, "TCP")
                     .ready("10.0.0.3")
                     .on(NODE),
@@ -1005,7 +988,8 @@ mod tests {
             ),
             (
                 "another proxy's",
-                lb_local("default", "web", 32000).label(model::LABEL_SERVICE_PROXY_NAME, "other"),
+                lb_local("default", "web", 32000)
+                    .label(crate::model::LABEL_SERVICE_PROXY_NAME, "other"),
             ),
             ("no ports", {
                 let mut s = lb_local("default", "web", 32000);

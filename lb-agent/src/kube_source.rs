@@ -8,7 +8,8 @@
 //! changed, so one change costs work for one object, not a pass over the cluster. Nothing
 //! is programmed until both initial lists are complete, so a half-listed cluster never
 //! empties the maps, and a relist replaces every object of its kind, so objects deleted
-//! while a watch was down go away.
+//! while a watch was down go away. Each object is turned into the form the agent keeps
+//! ([`CompactService`], [`CompactSlice`]) as it arrives, so nothing else of it is held.
 use std::{collections::BTreeMap, path::Path, sync::Arc};
 
 use futures::{StreamExt, stream::BoxStream};
@@ -25,6 +26,8 @@ use tracing::{debug, info, instrument, warn};
 
 use crate::{
     model::{Key, Objects},
+    services::CompactService,
+    slices::CompactSlice,
     state::{Tracker, Update},
     telemetry::Telemetry,
 };
@@ -115,17 +118,18 @@ enum Signal {
     Error(Kind, watcher::Error),
 }
 
-/// Watches `K` with `selector`, as a stream of [`Signal`]s: every object of a (re)list is
-/// gathered and handed over whole when the list completes (`whole`), and each later event
-/// as one object (`one`). The objects are only held here while a list is in progress;
-/// after that the sync loop's [`Objects`] holds the one copy there is.
-fn watch_kind<K>(
+/// Watches `K` with `selector`, as a stream of [`Signal`]s: each object is turned into the
+/// form the agent keeps (`ingest`) as it arrives, every object of a (re)list is gathered
+/// and handed over whole when the list completes (`whole`), and each later event as one
+/// object (`one`). The objects are only held here while a list is in progress; after that
+/// the sync loop's [`Objects`] holds the one copy there is.
+fn watch_kind<K, V>(
     client: &Client,
     selector: &str,
     kind: Kind,
-    trim: fn(&mut K),
-    whole: fn(BTreeMap<Key, Arc<K>>) -> Update,
-    one: fn(Key, Option<Arc<K>>) -> Update,
+    ingest: fn(K) -> V,
+    whole: fn(BTreeMap<Key, Arc<V>>) -> Update,
+    one: fn(Key, Option<Arc<V>>) -> Update,
 ) -> BoxStream<'static, Signal>
 where
     K: Resource<DynamicType = ()>
@@ -135,54 +139,33 @@ where
         + Send
         + Sync
         + 'static,
+    V: Send + Sync + 'static,
 {
     let config = watcher::Config::default().labels(selector);
     let key = |o: &K| (o.namespace().unwrap_or_default(), o.name_any());
-    let mut listing: BTreeMap<Key, Arc<K>> = BTreeMap::new();
+    let mut listing: BTreeMap<Key, Arc<V>> = BTreeMap::new();
     watcher(Api::<K>::all(client.clone()), config)
         .default_backoff()
-        .modify(trim)
         .map(move |item| match item {
             Ok(watcher::Event::Init) => {
                 listing.clear();
                 Signal::Relisting(kind)
             }
             Ok(watcher::Event::InitApply(o)) => {
-                listing.insert(key(&o), Arc::new(o));
+                listing.insert(key(&o), Arc::new(ingest(o)));
                 Signal::Relisting(kind)
             }
             Ok(watcher::Event::InitDone) => {
                 Signal::Update(kind, whole(std::mem::take(&mut listing)))
             }
-            Ok(watcher::Event::Apply(o)) => Signal::Update(kind, one(key(&o), Some(Arc::new(o)))),
+            Ok(watcher::Event::Apply(o)) => {
+                Signal::Update(kind, one(key(&o), Some(Arc::new(ingest(o)))))
+            }
             Ok(watcher::Event::Delete(o)) => Signal::Update(kind, one(key(&o), None)),
             Err(e) => Signal::Error(kind, e),
         })
         .boxed()
 }
-
-/// Drops what no part of the agent reads and can be large: managedFields, and the copy of
-/// the whole object `kubectl apply` keeps in an annotation. Every object of the cluster is
-/// held in memory, so this is most of a Service's size in practice.
-fn trim<K: Resource>(o: &mut K) {
-    o.managed_fields_mut().clear();
-    if let Some(a) = o.meta_mut().annotations.as_mut() {
-        a.remove(LAST_APPLIED);
-    }
-}
-
-/// [`trim`], and of each endpoint the reference to its Pod (the largest part of an
-/// endpoint, unused here) and the deprecated topology map.
-fn trim_slice(s: &mut EndpointSlice) {
-    trim(s);
-    for ep in &mut s.endpoints {
-        ep.target_ref = None;
-        ep.deprecated_topology = None;
-    }
-}
-
-/// The annotation in which `kubectl apply` keeps the last applied object.
-const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
 
 /// Per-watch bookkeeping of the loop.
 #[derive(Default)]
@@ -206,19 +189,19 @@ pub async fn run_observed(
     tx: mpsc::UnboundedSender<Update>,
     telemetry: Arc<Telemetry>,
 ) {
-    let services = watch_kind::<Service>(
+    let services = watch_kind::<Service, _>(
         &client,
         SERVICE_SELECTOR,
         Kind::Services,
-        trim::<Service>,
+        CompactService::from,
         Update::Services,
         Update::Service,
     );
-    let slices = watch_kind::<EndpointSlice>(
+    let slices = watch_kind::<EndpointSlice, _>(
         &client,
         ENDPOINT_SLICE_SELECTOR,
         Kind::EndpointSlices,
-        trim_slice,
+        CompactSlice::from,
         Update::EndpointSlices,
         Update::EndpointSlice,
     );

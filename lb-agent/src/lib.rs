@@ -15,5 +15,7 @@ pub mod maglev;
 pub mod manifests;
 pub mod maps;
 pub mod model;
+pub mod services;
+pub mod slices;
 pub mod state;
 pub mod telemetry;

@@ -25,6 +25,8 @@ use k8s_openapi::api::{
 use serde_json::Value;
 
 use crate::model::{LABEL_SERVICE_NAME, ObjectRef, Objects, Problem};
+use crate::services::CompactService;
+use crate::slices::CompactSlice;
 
 /// The manifests directory itself is unusable (problems with single files are
 /// [`Problem`]s in the [`Scan`] instead).
@@ -75,8 +77,8 @@ pub struct Scan {
 /// One object read from a file.
 #[derive(Debug, Clone, PartialEq)]
 enum Obj {
-    Service(Arc<Service>),
-    Slice(Arc<EndpointSlice>),
+    Service(Arc<CompactService>),
+    Slice(Arc<CompactSlice>),
     Endpoints(Arc<Endpoints>),
 }
 
@@ -421,9 +423,12 @@ fn collect(
     }
     let bad = |e: serde_json::Error| format!("{where_}: {r}: {e}");
     let obj = match (api_version.as_str(), kind.as_str()) {
-        ("v1", "Service") => Obj::Service(Arc::new(serde_json::from_value(doc).map_err(bad)?)),
+        ("v1", "Service") => {
+            let svc: Service = serde_json::from_value(doc).map_err(bad)?;
+            Obj::Service(Arc::new(CompactService::from(&svc)))
+        }
         ("discovery.k8s.io/v1", "EndpointSlice") => {
-            let slice: Arc<EndpointSlice> = Arc::new(serde_json::from_value(doc).map_err(bad)?);
+            let slice: EndpointSlice = serde_json::from_value(doc).map_err(bad)?;
             let owned = slice
                 .metadata
                 .labels
@@ -435,7 +440,7 @@ fn collect(
                      Service"
                 ));
             }
-            Obj::Slice(slice)
+            Obj::Slice(Arc::new(CompactSlice::from(&slice)))
         }
         ("v1", "Endpoints") => Obj::Endpoints(Arc::new(serde_json::from_value(doc).map_err(bad)?)),
         _ => {
@@ -587,7 +592,7 @@ ports:
         assert_eq!(names(&scan), ["svc default/web", "slice default/web-1"]);
         assert!(scan.problems.is_empty(), "{:?}", scan.problems);
         let svc = &scan.objects.services[&("default".into(), "web".into())];
-        assert_eq!(svc.metadata.namespace.as_deref(), Some("default"));
+        assert_eq!(&*svc.namespace, "default");
         assert!(m.rescan().unwrap().is_none(), "nothing changed");
         assert_eq!(
             m.scan().unwrap(),

@@ -38,12 +38,12 @@ use std::{
     sync::Arc,
 };
 
-use k8s_openapi::api::{
-    core::v1::{Endpoints, Service, ServiceSpec},
-    discovery::v1::EndpointSlice,
-};
+use k8s_openapi::api::core::v1::Endpoints;
 use lb_common::proto;
 use serde_json::json;
+
+use crate::services::{CompactService, CompactServiceSpec};
+use crate::slices::CompactSlice;
 
 /// Label that hands a Service to another proxy.
 pub const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
@@ -289,9 +289,9 @@ impl NodePortAddresses {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Objects {
     /// Services by (namespace, name).
-    pub services: BTreeMap<Key, Arc<Service>>,
-    /// EndpointSlices by (namespace, name).
-    pub endpoint_slices: BTreeMap<Key, Arc<EndpointSlice>>,
+    pub services: BTreeMap<Key, Arc<CompactService>>,
+    /// EndpointSlices by (namespace, name), in the compact form both sources make.
+    pub endpoint_slices: BTreeMap<Key, Arc<CompactSlice>>,
     /// v1 Endpoints by (namespace, name) (the Service's name).
     pub endpoints: BTreeMap<Key, Arc<Endpoints>>,
 }
@@ -390,8 +390,8 @@ impl fmt::Display for BackendAddr {
 /// What one frontend should look like in the maps.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DesiredService {
-    /// The Service that defines this frontend.
-    pub owner: ObjectRef,
+    /// The Service that defines this frontend (one allocation shared by all its entries).
+    pub owner: Arc<ObjectRef>,
     /// The Service port's name ("" when unnamed).
     pub port_name: String,
     /// Backends that take new connections, sorted.
@@ -483,7 +483,7 @@ pub fn desired_state(objects: &Objects, ctx: &NodeContext) -> Desired {
         for (fe, entry) in claims.frontends.iter() {
             services.entry(*fe).or_insert_with(|| entry.clone());
         }
-        problems.extend(claims.problems_with(|fe| services.get(fe).map(|s| &s.owner)));
+        problems.extend(claims.problems_with(|fe| services.get(fe).map(|s| &*s.owner)));
     }
     Desired {
         services,
@@ -495,11 +495,16 @@ pub fn desired_state(objects: &Objects, ctx: &NodeContext) -> Desired {
 /// a handful, so they sit in one vector: a map would allocate a node for eleven entries
 /// per Service, the largest part of the cache at 100,000 Services.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct FrontendClaims(Vec<(Frontend, DesiredService)>);
+pub struct FrontendClaims(Vec<(Frontend, Arc<DesiredService>)>);
 
 impl FrontendClaims {
     /// The entry claimed for `fe`.
     pub fn get(&self, fe: &Frontend) -> Option<&DesiredService> {
+        self.get_shared(fe).map(|e| &**e)
+    }
+
+    /// The entry claimed for `fe`, as the allocation the settled table shares.
+    pub fn get_shared(&self, fe: &Frontend) -> Option<&Arc<DesiredService>> {
         let i = self.0.binary_search_by(|(f, _)| f.cmp(fe)).ok()?;
         Some(&self.0[i].1)
     }
@@ -516,7 +521,7 @@ impl FrontendClaims {
 
     /// The claimed frontends with their entries, in order.
     pub fn iter(&self) -> impl Iterator<Item = (&Frontend, &DesiredService)> {
-        self.0.iter().map(|(f, e)| (f, e))
+        self.0.iter().map(|(f, e)| (f, &**e))
     }
 
     /// How many frontends are claimed.
@@ -534,7 +539,7 @@ impl FrontendClaims {
         match self.0.binary_search_by(|(f, _)| f.cmp(&fe)) {
             Ok(_) => false,
             Err(i) => {
-                self.0.insert(i, (fe, entry));
+                self.0.insert(i, (fe, Arc::new(entry)));
                 true
             }
         }
@@ -545,8 +550,8 @@ impl FrontendClaims {
 /// are settled: the unit that [`desired_state`] and the incremental cache both compute.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ServiceClaims {
-    /// The Service.
-    pub owner: ObjectRef,
+    /// The Service (shared with its entries).
+    pub owner: Arc<ObjectRef>,
     /// Each frontend the Service defines, with its first definition.
     pub frontends: FrontendClaims,
     /// Frontends the Service defines more than once.
@@ -577,7 +582,7 @@ impl ServiceClaims {
                 _ => fe.to_string(),
             };
             let reason = match winner(fe) {
-                Some(w) if *w != self.owner => {
+                Some(w) if *w != *self.owner => {
                     format!("{what} is already claimed by {w}; this port is ignored")
                 }
                 _ if self.repeated.contains(fe) => {
@@ -585,25 +590,26 @@ impl ServiceClaims {
                 }
                 _ => continue,
             };
-            problems.insert(Problem::new(self.owner.clone(), reason));
+            problems.insert(Problem::new(ObjectRef::clone(&self.owner), reason));
         }
         problems
     }
 }
 
 /// What Service `key` claims on the node `ctx` describes, given its EndpointSlices (as
-/// [`slice_service`] assigns them; none: its v1 Endpoints are used).
+/// [`CompactSlice::service`] assigns them; none: its v1 Endpoints are used).
 pub fn service_claims(
     objects: &Objects,
     key: &Key,
-    svc: &Service,
-    slices: &[&EndpointSlice],
+    svc: &CompactService,
+    slices: &[&CompactSlice],
     ctx: &NodeContext,
 ) -> ServiceClaims {
     let (ns, name) = (key.0.as_str(), key.1.as_str());
     let owner = ObjectRef::new("Service", ns, name);
+    let shared_owner = Arc::new(owner.clone());
     let mut claims = ServiceClaims {
-        owner: owner.clone(),
+        owner: shared_owner.clone(),
         frontends: FrontendClaims::default(),
         repeated: BTreeSet::new(),
         problems: BTreeSet::new(),
@@ -615,12 +621,7 @@ pub fn service_claims(
     if spec.type_.as_deref() == Some("ExternalName") {
         return claims;
     }
-    if svc
-        .metadata
-        .labels
-        .as_ref()
-        .is_some_and(|l| l.contains_key(LABEL_SERVICE_PROXY_NAME))
-    {
+    if svc.other_proxy {
         return claims;
     }
     let ips = cluster_ips(spec);
@@ -730,7 +731,7 @@ pub fn service_claims(
             };
             let active = if local { &eps.local } else { &eps.cluster };
             DesiredService {
-                owner: owner.clone(),
+                owner: shared_owner.clone(),
                 port_name: port_name.clone(),
                 active: active.iter().copied().collect(),
                 terminating: eps.known.difference(active).copied().collect(),
@@ -816,8 +817,8 @@ struct NorthSouth {
 
 impl NorthSouth {
     fn of(
-        svc: &Service,
-        spec: &ServiceSpec,
+        svc: &CompactService,
+        spec: &CompactServiceSpec,
         owner: &ObjectRef,
         allowed_external: Option<&[Cidr]>,
         problems: &mut BTreeSet<Problem>,
@@ -856,12 +857,7 @@ impl NorthSouth {
         }
         let mut lb_ips = BTreeSet::new();
         if load_balancer {
-            let ingress = svc
-                .status
-                .as_ref()
-                .and_then(|s| s.load_balancer.as_ref())
-                .and_then(|lb| lb.ingress.as_ref());
-            for ing in ingress.into_iter().flatten() {
+            for ing in &svc.lb_ingress {
                 // `Proxy`: the load balancer delivers to the node with its own address as
                 // destination; the node must not take the IP for itself.
                 if ing.ip_mode.as_deref() == Some("Proxy") {
@@ -926,7 +922,7 @@ impl NorthSouth {
 }
 
 /// `spec.clusterIPs`, or `spec.clusterIP` when the list is absent (older objects).
-fn cluster_ips(spec: &ServiceSpec) -> Vec<String> {
+fn cluster_ips(spec: &CompactServiceSpec) -> Vec<String> {
     match (&spec.cluster_ips, &spec.cluster_ip) {
         (Some(ips), _) if !ips.is_empty() => ips.clone(),
         (_, Some(ip)) if !ip.is_empty() => vec![ip.clone()],
@@ -957,16 +953,11 @@ fn backend_selection(svc: &Service) -> (bool, Option<String>) {
 
 /// The `sessionAffinity: ClientIP` timeout, clamped to what the API accepts, and a note
 /// when it had to be clamped (a hand-written manifest is not validated by an apiserver).
-fn affinity_timeout(spec: &ServiceSpec) -> (Option<u32>, Option<String>) {
+fn affinity_timeout(spec: &CompactServiceSpec) -> (Option<u32>, Option<String>) {
     if spec.session_affinity.as_deref() != Some("ClientIP") {
         return (None, None);
     }
-    let timeout = spec
-        .session_affinity_config
-        .as_ref()
-        .and_then(|c| c.client_ip.as_ref())
-        .and_then(|c| c.timeout_seconds);
-    let Some(t) = timeout else {
+    let Some(t) = spec.affinity_timeout_seconds else {
         return (Some(DEFAULT_AFFINITY_TIMEOUT_S), None);
     };
     let clamped = u32::try_from(t)
@@ -981,21 +972,12 @@ fn affinity_timeout(spec: &ServiceSpec) -> (Option<u32>, Option<String>) {
     (Some(clamped), problem)
 }
 
-/// The name of the Service (in the slice's namespace) that `slice` belongs to, or `None`
-/// for a slice that kube-proxy's label selector leaves out.
-pub fn slice_service(slice: &EndpointSlice) -> Option<&str> {
-    let labels = slice.metadata.labels.as_ref()?;
-    if labels.contains_key(LABEL_HEADLESS) || labels.contains_key(LABEL_SERVICE_PROXY_NAME) {
-        return None;
-    }
-    labels.get(LABEL_SERVICE_NAME).map(String::as_str)
-}
-
-/// Slices by the (namespace, name) of the Service they belong to (see [`slice_service`]).
-fn group_slices(objects: &Objects) -> BTreeMap<(&str, &str), Vec<&EndpointSlice>> {
-    let mut out: BTreeMap<(&str, &str), Vec<&EndpointSlice>> = BTreeMap::new();
+/// Slices by the (namespace, name) of the Service they belong to (see
+/// [`CompactSlice::service`]).
+fn group_slices(objects: &Objects) -> BTreeMap<(&str, &str), Vec<&CompactSlice>> {
+    let mut out: BTreeMap<(&str, &str), Vec<&CompactSlice>> = BTreeMap::new();
     for ((ns, _), slice) in &objects.endpoint_slices {
-        if let Some(service) = slice_service(slice) {
+        if let Some(service) = slice.service() {
             out.entry((ns.as_str(), service)).or_default().push(slice);
         }
     }
@@ -1017,7 +999,7 @@ fn endpoints_of(
     objects: &Objects,
     ns: &str,
     name: &str,
-    slices: &[&EndpointSlice],
+    slices: &[&CompactSlice],
     node_name: &str,
 ) -> PortEndpoints {
     let is_local = |n: Option<&String>| !node_name.is_empty() && n.is_some_and(|n| n == node_name);
@@ -1026,43 +1008,28 @@ fn endpoints_of(
     // controller would have turned them into a slice.
     match (!slices.is_empty()).then_some(slices) {
         Some(slices) => {
+            // Compact slices hold IPv4 endpoints only, each its first address with its
+            // conditions resolved as kube-proxy resolves them (see `crate::slices`).
             for slice in slices {
-                if slice.address_type != "IPv4" {
-                    continue;
-                }
-                for port in slice.ports.iter().flatten() {
-                    let (Some(number), Some(proto)) =
-                        (port.port, parse_protocol(port.protocol.as_deref()))
-                    else {
+                for port in &slice.ports {
+                    let Some(proto) = port.protocol.protocol() else {
                         continue;
                     };
                     // kube-proxy ignores a slice port without a usable number.
-                    let Some(number) = u16::try_from(number).ok().filter(|n| *n != 0) else {
+                    let Ok(number) = u16::try_from(port.port) else {
                         continue;
                     };
-                    let entry = out
-                        .entry((port.name.clone().unwrap_or_default(), proto))
-                        .or_default();
+                    let entry = out.entry((port.name.to_string(), proto)).or_default();
                     for ep in &slice.endpoints {
-                        let c = ep.conditions.as_ref();
-                        let ready = c.and_then(|c| c.ready).unwrap_or(true);
-                        // As kube-proxy reads them, and as the API documents: an absent
-                        // `serving` counts as true (not as `ready`), so a terminating
-                        // endpoint without conditions other than `ready: false` still
-                        // serves in the KEP-1669 fallback.
-                        let serving = c.and_then(|c| c.serving).unwrap_or(true);
-                        let terminating = c.and_then(|c| c.terminating).unwrap_or(false);
-                        // kube-proxy uses the first address of each endpoint.
-                        let Some(Ok(addr)) = ep.addresses.first().map(|a| a.parse::<Ipv4Addr>())
-                        else {
-                            continue;
-                        };
                         entry.push(Seen {
-                            backend: BackendAddr { addr, port: number },
-                            ready,
-                            serving,
-                            terminating,
-                            local: is_local(ep.node_name.as_ref()),
+                            backend: BackendAddr {
+                                addr: ep.addr,
+                                port: number,
+                            },
+                            ready: ep.ready,
+                            serving: ep.serving,
+                            terminating: ep.terminating,
+                            local: ep.is_on(node_name),
                         });
                     }
                 }
@@ -1466,13 +1433,17 @@ pub mod fixtures {
         /// Adds a Service.
         pub fn svc(mut self, s: Svc) -> Self {
             let k = key(&s.0.metadata);
-            self.0.services.insert(k, s.0.into());
+            self.0
+                .services
+                .insert(k, Arc::new(CompactService::from(&s.0)));
             self
         }
         /// Adds a slice.
         pub fn slice(mut self, s: Slice) -> Self {
             let k = key(&s.0.metadata);
-            self.0.endpoint_slices.insert(k, s.0.into());
+            self.0
+                .endpoint_slices
+                .insert(k, Arc::new(CompactSlice::from(&s.0)));
             self
         }
         /// Adds an Endpoints object.
@@ -1533,7 +1504,7 @@ mod tests {
         assert_eq!(s.active, vec![b("10.0.0.1", 8080), b("10.0.0.2", 8080)]);
         assert!(s.terminating.is_empty());
         assert_eq!(s.affinity_timeout_s, None);
-        assert_eq!(s.owner, ObjectRef::new("Service", "default", "web"));
+        assert_eq!(*s.owner, ObjectRef::new("Service", "default", "web"));
     }
 
     #[test]

@@ -22,20 +22,20 @@
 //! object by object, and shared objects (`Arc`) that did not change are recognised by
 //! their address.
 use std::{
+    borrow::Borrow,
     cmp::Ordering,
     collections::{BTreeMap, BTreeSet, btree_map::Entry},
     sync::Arc,
     time::SystemTime,
 };
 
-use k8s_openapi::api::{
-    core::v1::{Endpoints, Service},
-    discovery::v1::EndpointSlice,
-};
+use k8s_openapi::api::core::v1::Endpoints;
 
 use crate::model::{
     self, Desired, DesiredService, Frontend, Key, NodeContext, Objects, Problem, ServiceClaims,
 };
+use crate::services::CompactService;
+use crate::slices::CompactSlice;
 use crate::telemetry;
 
 /// Keys of the objects that were added, changed or deleted between two snapshots.
@@ -74,13 +74,13 @@ impl ChangedKeys {
 #[derive(Debug, Clone)]
 pub enum Update {
     /// Every Service there is.
-    Services(BTreeMap<Key, Arc<Service>>),
+    Services(BTreeMap<Key, Arc<CompactService>>),
     /// Every EndpointSlice there is.
-    EndpointSlices(BTreeMap<Key, Arc<EndpointSlice>>),
+    EndpointSlices(BTreeMap<Key, Arc<CompactSlice>>),
     /// One Service, as it is now or gone.
-    Service(Key, Option<Arc<Service>>),
+    Service(Key, Option<Arc<CompactService>>),
     /// One EndpointSlice, as it is now or gone.
-    EndpointSlice(Key, Option<Arc<EndpointSlice>>),
+    EndpointSlice(Key, Option<Arc<CompactSlice>>),
     /// Every v1 Endpoints object there is (manifests only: in a cluster the mirroring
     /// controller turns them into EndpointSlices).
     Endpoints(BTreeMap<Key, Arc<Endpoints>>),
@@ -279,51 +279,62 @@ pub struct DesiredCache {
     claims: BTreeMap<Key, ServiceClaims>,
     /// The Services claiming each frontend; the first holds it.
     claimants: BTreeMap<Frontend, SmallSet<Key>>,
-    /// The settled table: each frontend's entry from the Service that holds it.
-    services: BTreeMap<Frontend, DesiredService>,
+    /// The settled table: each frontend's entry from the Service that holds it (the same
+    /// allocation as in that Service's claims).
+    services: BTreeMap<Frontend, Arc<DesiredService>>,
     /// The problems of each Service that has any, sorted.
     problems: BTreeMap<Key, Vec<Problem>>,
     /// Which EndpointSlices belong to which Service.
     slices: SliceIndex,
 }
 
-/// Which EndpointSlices belong to which Service (keys only), followed one changed slice at a
-/// time, so that a changed slice costs a lookup and its owners before and after are known.
+/// Which EndpointSlices belong to which Service (names only), followed one changed slice
+/// at a time, so that a changed slice costs a lookup and its owners before and after are
+/// known. A slice and its Service share a namespace, so each side keeps the other's name
+/// alone.
 #[derive(Debug, Clone, Default)]
 pub struct SliceIndex {
-    /// The Service each EndpointSlice belongs to (slices the label filter drops: none).
-    owner: BTreeMap<Key, Key>,
-    /// The EndpointSlices of each Service.
-    slices_of: BTreeMap<Key, SmallSet<Key>>,
+    /// The name of the Service each EndpointSlice belongs to (slices the label filter
+    /// drops: none).
+    owner: BTreeMap<Key, Box<str>>,
+    /// The names of the EndpointSlices of each Service.
+    slices_of: BTreeMap<Key, SmallSet<Box<str>>>,
 }
 
 impl SliceIndex {
-    /// Follows slice `key`, which now belongs to `owner` (`None`: it is gone, or belongs
-    /// to no Service), and adds the Services it belonged to before and belongs to now to
-    /// `dirty`: both must be recomputed.
-    pub fn update(&mut self, key: &Key, owner: Option<Key>, dirty: &mut BTreeSet<Key>) {
+    /// Follows slice `key`, which now belongs to Service `owner` of its namespace (`None`:
+    /// it is gone, or belongs to no Service), and adds the Services it belonged to before
+    /// and belongs to now to `dirty`: both must be recomputed.
+    pub fn update(&mut self, key: &Key, owner: Option<&str>, dirty: &mut BTreeSet<Key>) {
+        let (ns, name) = key;
         if let Some(old) = self.owner.remove(key) {
-            if let Entry::Occupied(mut e) = self.slices_of.entry(old.clone()) {
-                e.get_mut().remove(key);
+            let service = (ns.clone(), old.into_string());
+            if let Entry::Occupied(mut e) = self.slices_of.entry(service.clone()) {
+                e.get_mut().remove(name.as_str());
                 if e.get().is_empty() {
                     e.remove();
                 }
             }
-            dirty.insert(old);
+            dirty.insert(service);
         }
         if let Some(owner) = owner {
+            let service = (ns.clone(), owner.to_owned());
             self.slices_of
-                .entry(owner.clone())
+                .entry(service.clone())
                 .or_default()
-                .insert(key.clone());
-            self.owner.insert(key.clone(), owner.clone());
-            dirty.insert(owner);
+                .insert(name.as_str().into());
+            self.owner.insert(key.clone(), owner.into());
+            dirty.insert(service);
         }
     }
 
-    /// The EndpointSlices of Service `service`.
-    pub fn slices_of(&self, service: &Key) -> impl Iterator<Item = &Key> {
-        self.slices_of.get(service).into_iter().flatten()
+    /// The keys of the EndpointSlices of Service `service`.
+    pub fn slices_of<'a>(&'a self, service: &'a Key) -> impl Iterator<Item = Key> + 'a {
+        self.slices_of
+            .get(service)
+            .into_iter()
+            .flatten()
+            .map(|name| (service.0.clone(), name.to_string()))
     }
 }
 
@@ -345,8 +356,11 @@ impl<T: Ord> SmallSet<T> {
         }
     }
 
-    fn remove(&mut self, v: &T) {
-        if let Ok(i) = self.0.binary_search(v) {
+    fn remove<Q: Ord + ?Sized>(&mut self, v: &Q)
+    where
+        T: Borrow<Q>,
+    {
+        if let Ok(i) = self.0.binary_search_by(|x| x.borrow().cmp(v)) {
             self.0.remove(i);
         }
     }
@@ -414,11 +428,7 @@ impl DesiredCache {
         let mut dirty: BTreeSet<Key> = changed.services.clone();
         dirty.extend(changed.endpoints.iter().cloned());
         for key in &changed.endpoint_slices {
-            let owner = objects
-                .endpoint_slices
-                .get(key)
-                .and_then(|s| model::slice_service(s))
-                .map(|service| (key.0.clone(), service.to_owned()));
+            let owner = objects.endpoint_slices.get(key).and_then(|s| s.service());
             self.slices.update(key, owner, &mut dirty);
         }
 
@@ -426,10 +436,10 @@ impl DesiredCache {
         let mut touched: BTreeSet<Frontend> = BTreeSet::new();
         for key in &dirty {
             let new = objects.services.get(key).map(|svc| {
-                let slices: Vec<&EndpointSlice> = self
+                let slices: Vec<&CompactSlice> = self
                     .slices
                     .slices_of(key)
-                    .filter_map(|s| objects.endpoint_slices.get(s).map(|s| &**s))
+                    .filter_map(|s| objects.endpoint_slices.get(&s).map(|s| &**s))
                     .collect();
                 model::service_claims(objects, key, svc, &slices, &self.ctx)
             });
@@ -464,13 +474,16 @@ impl DesiredCache {
             let winner = self.claimants.get(fe).and_then(|c| c.first());
             let entry = winner
                 .and_then(|k| self.claims.get(k))
-                .and_then(|c| c.frontends.get(fe));
+                .and_then(|c| c.frontends.get_shared(fe));
             match (self.services.get_mut(fe), entry) {
                 (Some(have), Some(want)) if have != want => {
-                    want.clone_into(have);
+                    *have = want.clone();
                     delta.changed.insert(*fe);
                 }
-                (Some(_), Some(_)) => {}
+                (Some(have), Some(want)) => {
+                    // Equal: share the new claim's allocation, so the old one is freed.
+                    *have = want.clone();
+                }
                 (None, Some(want)) => {
                     self.services.insert(*fe, want.clone());
                     delta.added.insert(*fe);
@@ -488,7 +501,7 @@ impl DesiredCache {
                 .claims
                 .get(&key)
                 .map(|c| {
-                    c.problems_with(|fe| self.services.get(fe).map(|s| &s.owner))
+                    c.problems_with(|fe| self.services.get(fe).map(|s| &*s.owner))
                         .into_iter()
                         .collect()
                 })
@@ -507,7 +520,7 @@ impl DesiredCache {
     }
 
     /// The desired entry of every frontend.
-    pub fn services(&self) -> &BTreeMap<Frontend, DesiredService> {
+    pub fn services(&self) -> &BTreeMap<Frontend, Arc<DesiredService>> {
         &self.services
     }
 
@@ -520,7 +533,11 @@ impl DesiredCache {
     /// The whole desired state, as [`model::desired_state`] returns it (a copy).
     pub fn desired(&self) -> Desired {
         Desired {
-            services: self.services.clone(),
+            services: self
+                .services
+                .iter()
+                .map(|(fe, s)| (*fe, DesiredService::clone(s)))
+                .collect(),
             problems: self.problems().cloned().collect(),
         }
     }
@@ -651,13 +668,14 @@ mod tests {
     fn put_svc(o: &mut Objects, s: Svc) {
         let m = &s.0.metadata;
         let key = (m.namespace.clone().unwrap(), m.name.clone().unwrap());
-        o.services.insert(key, s.0.into());
+        o.services.insert(key, Arc::new(CompactService::from(&s.0)));
     }
 
     fn put_slice(o: &mut Objects, s: Slice) {
         let m = &s.0.metadata;
         let key = (m.namespace.clone().unwrap(), m.name.clone().unwrap());
-        o.endpoint_slices.insert(key, s.0.into());
+        o.endpoint_slices
+            .insert(key, Arc::new(CompactSlice::from(&s.0)));
     }
 
     fn k(ns: &str, name: &str) -> Key {
@@ -924,7 +942,7 @@ mod tests {
                 .0;
             s.metadata.annotations =
                 Some([(telemetry::TRIGGER_TIME_ANNOTATION.to_owned(), t.to_owned())].into());
-            Arc::new(s)
+            Arc::new(CompactSlice::from(s))
         };
         let mut t = Tracker::default();
         let key = k("default", "a-1");

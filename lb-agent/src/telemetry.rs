@@ -21,9 +21,8 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use k8s_openapi::api::discovery::v1::EndpointSlice;
-
 use crate::model::{Key, Objects};
+use crate::slices::CompactSlice;
 
 /// How long a queued update may wait for a successful sync before the agent reports
 /// itself unhealthy: kube-proxy's default (twice its 30 s sync period).
@@ -143,19 +142,9 @@ pub fn health_report(
 /// The trigger time (see [`TRIGGER_TIME_ANNOTATION`]) an EndpointSlice carries in `new`
 /// when it is new or its trigger time differs from the one it had in `old`: a change whose
 /// programming latency a sync of `new` completes.
-pub fn trigger_time(old: Option<&EndpointSlice>, new: &EndpointSlice) -> Option<SystemTime> {
-    fn trigger(s: &EndpointSlice) -> Option<&String> {
-        s.metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(TRIGGER_TIME_ANNOTATION))
-    }
-    let value = trigger(new)?;
-    if old.and_then(trigger) == Some(value) {
-        return None;
-    }
-    let ts: jiff::Timestamp = value.parse().ok()?;
-    Some(SystemTime::from(ts))
+pub fn trigger_time(old: Option<&CompactSlice>, new: &CompactSlice) -> Option<SystemTime> {
+    let t = new.trigger_time?;
+    (old.and_then(|o| o.trigger_time) != Some(t)).then_some(t)
 }
 
 /// [`trigger_time`] of each EndpointSlice in `keys` (the ones that changed) between `old`
@@ -554,6 +543,10 @@ impl Telemetry {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
+    use k8s_openapi::api::discovery::v1::EndpointSlice;
+
     use super::*;
 
     fn at(secs: u64) -> SystemTime {
@@ -650,22 +643,22 @@ mod tests {
                 s.metadata.annotations =
                     Some([(TRIGGER_TIME_ANNOTATION.to_owned(), t.to_owned())].into());
             }
-            s
+            Arc::new(CompactSlice::from(s))
         };
         let key = |n: &str| ("default".to_owned(), n.to_owned());
         let mut old = Objects::default();
         old.endpoint_slices
-            .insert(key("same"), slice(Some("2026-01-01T00:00:00Z")).into());
+            .insert(key("same"), slice(Some("2026-01-01T00:00:00Z")));
         old.endpoint_slices
-            .insert(key("moved"), slice(Some("2026-01-01T00:00:00Z")).into());
+            .insert(key("moved"), slice(Some("2026-01-01T00:00:00Z")));
         let mut new = old.clone();
         new.endpoint_slices
-            .insert(key("moved"), slice(Some("2026-01-01T00:00:05Z")).into());
+            .insert(key("moved"), slice(Some("2026-01-01T00:00:05Z")));
         new.endpoint_slices
-            .insert(key("added"), slice(Some("2026-01-01T00:00:07Z")).into());
-        new.endpoint_slices.insert(key("bare"), slice(None).into());
+            .insert(key("added"), slice(Some("2026-01-01T00:00:07Z")));
+        new.endpoint_slices.insert(key("bare"), slice(None));
         new.endpoint_slices
-            .insert(key("junk"), slice(Some("yesterday")).into());
+            .insert(key("junk"), slice(Some("yesterday")));
         // Every key, changed or not: unchanged trigger times are not counted again.
         let mut got = change_trigger_times(&old, &new, new.endpoint_slices.keys());
         got.sort();

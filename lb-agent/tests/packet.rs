@@ -188,7 +188,7 @@ impl Fixture {
                     proto: Protocol::Tcp,
                 },
                 DesiredService {
-                    owner: ObjectRef::new("Service", "default", "web"),
+                    owner: ObjectRef::new("Service", "default", "web").into(),
                     port_name: String::new(),
                     active: f
                         .backends

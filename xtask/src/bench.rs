@@ -33,6 +33,8 @@ use lb_agent::{
     datapath::{self, Datapath, EGRESS_PROG, INGRESS_PROG, MapSizes},
     frames::frame,
     model::{self, NodeContext, Objects},
+    services::CompactService,
+    slices::CompactSlice,
     state::{DesiredCache, Tracker, Update},
 };
 use lb_common::proto;
@@ -131,12 +133,19 @@ pub(crate) fn objects(n: usize) -> Result<Objects> {
             "spec": {"clusterIP": cluster_ip(i).to_string(),
                      "ports": [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080}]}
         }))?;
-        o.services
-            .insert(("bench".into(), name.clone()), svc.into());
+        o.services.insert(
+            ("bench".into(), name.clone()),
+            Arc::new(CompactService::from(&svc)),
+        );
         o.endpoint_slices
-            .insert(("bench".into(), format!("{name}-1")), slice(i, 0)?.into());
+            .insert(("bench".into(), format!("{name}-1")), compact(slice(i, 0)?));
     }
     Ok(o)
+}
+
+/// A slice in the form the agent keeps, as both sources hand it over.
+pub(crate) fn compact(slice: EndpointSlice) -> Arc<CompactSlice> {
+    Arc::new(CompactSlice::from(&slice))
 }
 
 fn slice(i: usize, generation: u32) -> Result<EndpointSlice> {
@@ -415,7 +424,7 @@ fn control_plane(plan: &Plan) -> Result<Vec<ControlRow>> {
             let key = ("bench".to_owned(), format!("svc-{i}-1"));
             Ok(Update::EndpointSlice(
                 key,
-                Some(Arc::new(slice(i, c as u32 % 3 + 1)?)),
+                Some(compact(slice(i, c as u32 % 3 + 1)?)),
             ))
         };
         for c in 0..plan.changes {

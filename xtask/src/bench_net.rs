@@ -56,7 +56,7 @@ use ::tests::{
 };
 
 use crate::{
-    bench::{ENDPOINTS, PinDir, cluster_ip, objects, pod_ip, sizes_for},
+    bench::{ENDPOINTS, PinDir, cluster_ip, compact, objects, pod_ip, sizes_for},
     bench_rules::{self, ServicePort},
 };
 
@@ -711,9 +711,9 @@ impl LbGuard {
                 let mut objs = objects(n)?;
                 let (svc, slice) = target_objects(&pods)?;
                 objs.services
-                    .insert(("bench".into(), "target".into()), svc.into());
+                    .insert(("bench".into(), "target".into()), Arc::new(svc.into()));
                 objs.endpoint_slices
-                    .insert(("bench".into(), "target-1".into()), slice.into());
+                    .insert(("bench".into(), "target-1".into()), compact(slice));
                 datapath::prepare(&root)?;
                 let mut dp = Datapath::load_sized(&root, None, &sizes_for(n + 1))?;
                 let mut maps = dp.service_maps()?;
