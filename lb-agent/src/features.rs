@@ -566,7 +566,7 @@ mod tests {
         let f = features(Probe::Yes, Probe::No("x".into()), Probe::Yes);
         assert_eq!(
             f.to_string(),
-            "kernel 6.1.0: map:hash=yes helper:redirect=yes tcx=no netlink_tc=yes"
+            "kernel 6.1.0: map:hash=yes helper:redirect=yes tcx=no netlink_tc=yes xdp=unknown"
         );
     }
 }

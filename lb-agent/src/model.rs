@@ -932,13 +932,8 @@ fn cluster_ips(spec: &CompactServiceSpec) -> Vec<String> {
 
 /// Whether the Service asks for Maglev backend selection, and a note when its annotation
 /// has a value other than `maglev` or `random` (then `random` applies).
-fn backend_selection(svc: &Service) -> (bool, Option<String>) {
-    let value = svc
-        .metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(ANNOTATION_BACKEND_SELECTION));
-    match value.map(String::as_str) {
+fn backend_selection(svc: &CompactService) -> (bool, Option<String>) {
+    match svc.backend_selection.as_deref() {
         None | Some("random") => (false, None),
         Some("maglev") => (true, None),
         Some(other) => (

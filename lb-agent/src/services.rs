@@ -7,7 +7,7 @@
 //! so that reading one gives the same result as reading the object it came from.
 use k8s_openapi::api::core::v1::{Service, ServicePort};
 
-use crate::model::LABEL_SERVICE_PROXY_NAME;
+use crate::model::{ANNOTATION_BACKEND_SELECTION, LABEL_SERVICE_PROXY_NAME};
 
 /// A Service as the agent keeps it (see the module documentation).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -18,6 +18,8 @@ pub struct CompactService {
     pub name: Box<str>,
     /// Labelled `service.kubernetes.io/service-proxy-name`: another proxy handles it.
     pub other_proxy: bool,
+    /// The value of the `lb.dev/backend-selection` annotation, if any.
+    pub backend_selection: Option<Box<str>>,
     /// The fields of `spec` the agent reads (`None`: the object has no spec).
     pub spec: Option<CompactServiceSpec>,
     /// `status.loadBalancer.ingress`.
@@ -116,6 +118,11 @@ impl From<&Service> for CompactService {
                 .labels
                 .as_ref()
                 .is_some_and(|l| l.contains_key(LABEL_SERVICE_PROXY_NAME)),
+            backend_selection: meta
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(ANNOTATION_BACKEND_SELECTION))
+                .map(|v| v.as_str().into()),
             spec,
             lb_ingress,
         }
