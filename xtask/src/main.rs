@@ -463,7 +463,7 @@ fn end_to_end(stages: &mut Stages, e2e_args: &[String]) {
 }
 
 /// The end-to-end test binary run once more with the agents' XDP program attached.
-const XDP_TESTS: &str = "northsouth";
+pub const XDP_TESTS: &str = "northsouth";
 
 /// Builds the `tests` crate's test binaries (release, `--no-run`) and returns (target
 /// name, executable) of each: what `cargo xtask test` runs on the host and `cargo xtask

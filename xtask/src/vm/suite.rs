@@ -90,6 +90,13 @@ run() {
         ];
         argv.extend(args.iter().cloned());
         let _ = writeln!(s, "run {}", shell_words(&argv));
+        if b.name == crate::XDP_TESTS {
+            // Once more with the XDP program in front of TC, as on the host.
+            argv[0] = format!("{} (XDP)", b.name);
+            argv.insert(2, "env".to_owned());
+            argv.insert(3, format!("{}=1", ::tests::XDP_ENV));
+            let _ = writeln!(s, "run {}", shell_words(&argv));
+        }
     }
     s.push_str("exit $failed\n");
     s
@@ -134,5 +141,14 @@ mod tests {
             "run 'clusterip' '60' '/w/target/release/deps/clusterip-0f' '--test-threads=1' 'udp'"
         ));
         assert!(s.contains("'deploy' 'no kernel'"));
+        let ns = TestBinary {
+            name: "northsouth".into(),
+            path: "/w/ns".into(),
+        };
+        let s = script(&[&ns], &[], &[], 60);
+        assert!(s.contains("run 'northsouth' '60' '/w/ns' '--test-threads=1'"));
+        assert!(s.contains(
+            "run 'northsouth (XDP)' '60' 'env' 'LB_E2E_XDP=1' '/w/ns' '--test-threads=1'"
+        ));
     }
 }
