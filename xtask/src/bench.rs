@@ -883,8 +883,8 @@ fn datapath_section(plan: &Plan, out: &Outputs, md: &mut String) -> Result<()> {
     let report = bench_net::run(net)?;
     writeln!(
         md,
-        "## Datapath over real connections: direct vs kube-proxy (iptables, nftables) vs lb\n\n\
-         Client namespace -> node namespace -> 2 pod namespaces (veth); one Service (3 ports, both pods as endpoints), \
+        "## Datapath over real connections: direct vs kube-proxy (iptables, nftables) vs lb (TC, XDP)\n\n\
+         Client namespace -> node namespace -> 2 pod namespaces (veth); one Service (5 ports, both pods as endpoints), \
          with N other Services x {ENDPOINTS} endpoints loaded into each variant; one variant active at a time. \
          each variant in a network of its own, programmed once per size; {} round(s) of {} s per test, variants taking turns in rotated order; cells are the median over rounds ± half the range. \
          Ratios divide medians. Higher is better.\n",
@@ -898,17 +898,19 @@ fn datapath_section(plan: &Plan, out: &Outputs, md: &mut String) -> Result<()> {
         md,
         "\nVariants: direct = the pod IP, no translation (client k -> pod k mod 2); iptables = kube-proxy's iptables-mode rules \
          (`{} --noflush`; the nf_tables backend's restore takes minutes at these sizes, see the control-plane table); \
-         nftables = kube-proxy's nftables-mode table (nft -f); lb = the TC programs and maps (loader + applier, as lb-agent). \
-\n",
-        bench_net::iptables_restore()
+         nftables = kube-proxy's nftables-mode table (nft -f); lb = the TC programs and maps (loader + applier, as lb-agent); \
+         lb XDP = the same with the XDP program (as `lb-agent --xdp veth-c*`) on the node's client-side veth, {} mode, \
+         in front of the TC programs.\n",
+        bench_net::iptables_restore(),
+        report.xdp_mode.as_deref().unwrap_or("not attached")
     )?;
     writeln!(
         md,
-        "| other Services | test | clients | direct | iptables | nftables | lb | lb / direct | lb / iptables | lb / nftables | iptables / direct | nftables / direct |"
+        "| other Services | test | clients | direct | iptables | nftables | lb | lb XDP | lb / direct | lb / iptables | lb / nftables | lb XDP / direct | lb XDP / iptables | lb XDP / nftables | lb XDP / lb | iptables / direct | nftables / direct |"
     )?;
     writeln!(
         md,
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     )?;
     for &n in &net.sizes {
         for test in Test::ALL {
@@ -918,19 +920,67 @@ fn datapath_section(plan: &Plan, out: &Outputs, md: &mut String) -> Result<()> {
                 let c = |v: Variant| get(v).map_or("–".into(), |s| cell(s));
                 writeln!(
                     md,
-                    "| {n} | {} | {clients} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                    "| {n} | {} | {clients} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                     test.name(),
                     c(Variant::Direct),
                     c(Variant::Iptables),
                     c(Variant::Nftables),
                     c(Variant::Lb),
+                    c(Variant::LbXdp),
                     ratio(m(Variant::Lb), m(Variant::Direct)),
                     ratio(m(Variant::Lb), m(Variant::Iptables)),
                     ratio(m(Variant::Lb), m(Variant::Nftables)),
+                    ratio(m(Variant::LbXdp), m(Variant::Direct)),
+                    ratio(m(Variant::LbXdp), m(Variant::Iptables)),
+                    ratio(m(Variant::LbXdp), m(Variant::Nftables)),
+                    ratio(m(Variant::LbXdp), m(Variant::Lb)),
                     ratio(m(Variant::Iptables), m(Variant::Direct)),
                     ratio(m(Variant::Nftables), m(Variant::Direct)),
                 )?;
             }
+        }
+    }
+    writeln!(
+        md,
+        "\nForwarding rate ({}): share of the datagrams sent that did not reach the pods (median over rounds):\n",
+        Test::UdpFlood.name()
+    )?;
+    writeln!(
+        md,
+        "| other Services | clients | {} |\n|---:|---:|{}",
+        Variant::ALL.map(Variant::name).join(" | "),
+        "---:|".repeat(Variant::ALL.len())
+    )?;
+    for &n in &net.sizes {
+        for &clients in &net.clients {
+            let cells: Vec<String> = Variant::ALL
+                .iter()
+                .map(|&v| {
+                    report
+                        .loss
+                        .get(&(n, clients, v))
+                        .and_then(|s| med(s))
+                        .map_or("–".into(), |l| format!("{:.1}%", l * 100.0))
+                })
+                .collect();
+            writeln!(md, "| {n} | {clients} | {} |", cells.join(" | "))?;
+        }
+    }
+    if !report.xdp_counters.is_empty() {
+        writeln!(
+            md,
+            "\nThe XDP program's decisions over lb XDP's rounds (its counters, direction `xdp`; \
+             `new_flow` and `established` packets were translated by XDP, `not_service` are \
+             frames to no Service such as ARP, `deferred` were left to the TC program). \
+             With XDP on a veth the kernel takes segmentation offload (GSO/TSO) away from \
+             the peer, and the client sends complete checksums (what a wire carries, which \
+             XDP's rewrite needs): TCP_STREAM through lb XDP therefore moves MTU-sized \
+             packets where the other variants move 64 KiB ones. That is the veth's \
+             artefact; a NIC's driver rebuilds large packets (GRO) after XDP.\n"
+        )?;
+        for (n, counters) in &report.xdp_counters {
+            let list: Vec<String> = counters.iter().map(|(r, c)| format!("{r} {c}")).collect();
+            writeln!(md, "- {n} other Services: {}", list.join(", "))?;
         }
     }
     if let (Some(&first), Some(&last)) = (net.sizes.first(), net.sizes.last()) {
@@ -940,7 +990,7 @@ fn datapath_section(plan: &Plan, out: &Outputs, md: &mut String) -> Result<()> {
         )?;
         writeln!(
             md,
-            "| test | iptables | nftables | lb |\n|---|---:|---:|---:|"
+            "| test | iptables | nftables | lb | lb XDP |\n|---|---:|---:|---:|---:|"
         )?;
         for test in Test::ALL {
             let keep = |v: Variant| {
@@ -949,11 +999,12 @@ fn datapath_section(plan: &Plan, out: &Outputs, md: &mut String) -> Result<()> {
             };
             writeln!(
                 md,
-                "| {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} |",
                 test.name(),
                 keep(Variant::Iptables),
                 keep(Variant::Nftables),
-                keep(Variant::Lb)
+                keep(Variant::Lb),
+                keep(Variant::LbXdp)
             )?;
         }
     }
@@ -963,7 +1014,7 @@ fn datapath_section(plan: &Plan, out: &Outputs, md: &mut String) -> Result<()> {
     )?;
     writeln!(
         md,
-        "| other Services | {} | nft -f | lb (load, fill maps, attach) |\n|---:|---:|---:|---:|",
+        "| other Services | {} | nft -f | lb (load, fill maps, attach) | lb XDP (same, XDP too) |\n|---:|---:|---:|---:|---:|",
         bench_net::iptables_restore()
     )?;
     for &n in &net.sizes {
@@ -976,10 +1027,11 @@ fn datapath_section(plan: &Plan, out: &Outputs, md: &mut String) -> Result<()> {
         };
         writeln!(
             md,
-            "| {n} | {} | {} | {} |",
+            "| {n} | {} | {} | {} | {} |",
             l(Variant::Iptables),
             l(Variant::Nftables),
-            l(Variant::Lb)
+            l(Variant::Lb),
+            l(Variant::LbXdp)
         )?;
     }
     match bench_plot::datapath(&out.datapath_png, &report, &net.sizes, 1) {

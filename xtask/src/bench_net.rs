@@ -1,4 +1,4 @@
-//! `cargo xtask bench datapath`: one Service over real connections, reached four ways,
+//! `cargo xtask bench datapath`: one Service over real connections, reached five ways,
 //! with other Services loaded beside it.
 //!
 //! The network is the end-to-end tests' (tests/README.md): a client namespace -> a node
@@ -16,7 +16,11 @@
 //! - lb: the agent's loader and applier (`Datapath` + `Applier`) load the programs,
 //!   fill the maps and attach to the node's veths, as `lb-agent` does (in-process, so that
 //!   the maps can be sized for the load: the agent's default capacity holds about 21,000
-//!   Services of 10 endpoints).
+//!   Services of 10 endpoints);
+//! - lb XDP: the same, with the XDP program (`lb-agent --xdp`) on the node's client-side
+//!   veth in front of the TC programs (native mode where the kernel's veth driver has it);
+//!   after its rounds the XDP program's counters must show the flows it created, so that
+//!   its figures cannot be the TC programs'.
 //!
 //! The measured Service (ClusterIP [`TARGET_VIP`]) has both pods as endpoints; with N
 //! other Services (10 endpoints each) it sits in the middle of kube-proxy's rule order.
@@ -34,7 +38,7 @@ use std::{
     process::{Child, Command, Stdio},
     sync::{
         Arc,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
         mpsc,
     },
     thread::JoinHandle,
@@ -45,7 +49,7 @@ use anyhow::{Context as _, Result, anyhow, bail, ensure};
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use lb_agent::{
     apply::Applier,
-    datapath::{self, Datapath, DevicePatterns},
+    datapath::{self, Datapath, DevicePatterns, Metrics, XdpAttachMode, XdpConfig},
     model::{self, NodeContext},
 };
 use serde_json::json;
@@ -68,6 +72,14 @@ const ECHO_PORT: u16 = 11111;
 const SINK_PORT: u16 = 5001;
 /// The connect/request/close server's port on the pods and on the Service.
 const CRR_PORT: u16 = 8080;
+/// The datagram sink's port (UDP) on the pods and on the Service (forwarding rate).
+const FLOOD_PORT: u16 = 9000;
+/// Payload of the forwarding-rate test's datagrams, bytes.
+const FLOOD_PAYLOAD: usize = 64;
+/// Datagrams per sendmmsg(2)/recvmmsg(2) call.
+const FLOOD_BATCH: usize = 32;
+/// The node's devices on the clients' side: where lb XDP attaches its XDP program.
+const CLIENT_DEVICES: &str = "veth-c*";
 /// The pods' addresses, as kube-proxy's cluster CIDR: clients outside it are masqueraded.
 pub const POD_CIDR: &str = "10.201.0.0/16";
 
@@ -129,11 +141,19 @@ pub enum Variant {
     Nftables,
     /// lb's TC programs.
     Lb,
+    /// lb's XDP program on the clients' side, in front of the TC programs.
+    LbXdp,
 }
 
 impl Variant {
     /// All, in report order.
-    pub const ALL: [Variant; 4] = [Self::Direct, Self::Iptables, Self::Nftables, Self::Lb];
+    pub const ALL: [Variant; 5] = [
+        Self::Direct,
+        Self::Iptables,
+        Self::Nftables,
+        Self::Lb,
+        Self::LbXdp,
+    ];
 
     /// Column name.
     pub fn name(self) -> &'static str {
@@ -142,6 +162,15 @@ impl Variant {
             Self::Iptables => "iptables",
             Self::Nftables => "nftables",
             Self::Lb => "lb",
+            Self::LbXdp => "lb XDP",
+        }
+    }
+
+    /// Name in the network namespaces' names.
+    fn slug(self) -> &'static str {
+        match self {
+            Self::LbXdp => "lbxdp",
+            other => other.name(),
         }
     }
 }
@@ -157,11 +186,19 @@ pub enum Test {
     TcpStream,
     /// Request/response over UDP.
     UdpRr,
+    /// Forwarding rate: small datagrams as fast as the clients send them.
+    UdpFlood,
 }
 
 impl Test {
     /// All, in report order.
-    pub const ALL: [Test; 4] = [Self::TcpRr, Self::TcpCrr, Self::TcpStream, Self::UdpRr];
+    pub const ALL: [Test; 5] = [
+        Self::TcpRr,
+        Self::TcpCrr,
+        Self::TcpStream,
+        Self::UdpRr,
+        Self::UdpFlood,
+    ];
 
     /// netperf's name for it.
     pub fn name(self) -> &'static str {
@@ -170,6 +207,7 @@ impl Test {
             Self::TcpCrr => "TCP_CRR",
             Self::TcpStream => "TCP_STREAM",
             Self::UdpRr => "UDP_RR",
+            Self::UdpFlood => "UDP_FLOOD",
         }
     }
 
@@ -179,6 +217,7 @@ impl Test {
             Self::TcpRr | Self::UdpRr => "transactions/s",
             Self::TcpCrr => "connections/s",
             Self::TcpStream => "MB/s",
+            Self::UdpFlood => "packets/s",
         }
     }
 
@@ -193,6 +232,12 @@ impl Test {
                 "lbt-client stream: 64 KiB writes for the test's time; bytes the server received"
             }
             Self::UdpRr => "lbt-client udp-rr: 64-byte datagram, 64-byte answer",
+            Self::UdpFlood => {
+                "the bench's own sender (xtask: sendmmsg(2) of 64-byte datagrams for the \
+                 test's time, one connected socket per client) and a sink in each pod \
+                 counting the datagrams it receives (recvmmsg(2)); datagrams received per \
+                 second of sending, loss = 1 - received / sent"
+            }
         }
     }
 }
@@ -206,6 +251,12 @@ pub struct NetReport {
     pub load_ms: BTreeMap<(usize, Variant), Vec<f64>>,
     /// (size, variant, why) of variants that could not be programmed at that size.
     pub overran: Vec<(usize, Variant, String)>,
+    /// (size, clients, variant) -> the forwarding-rate test's loss (0..1), one per round.
+    pub loss: BTreeMap<(usize, usize, Variant), Vec<f64>>,
+    /// size -> the XDP program's counters after lb XDP's last round (reason, packets).
+    pub xdp_counters: BTreeMap<usize, Vec<(&'static str, u64)>>,
+    /// How the XDP program was attached (`native` or `generic`), once it was.
+    pub xdp_mode: Option<String>,
 }
 
 /// Runs the plan. Fails only if a variant does not carry traffic at all.
@@ -253,7 +304,7 @@ impl Net {
     fn up(variant: Variant, lbt_client: &Path) -> Result<Self> {
         // Fixed addresses (block 0) in every network, so that the rules generated once per
         // size name the pods of each; the namespaces keep the networks apart.
-        let prefix = format!("lbbench-{}-{}", std::process::id(), variant.name());
+        let prefix = format!("lbbench-{}-{}", std::process::id(), variant.slug());
         let topo = Topology::builder()
             .named(&prefix, 0)
             .clients(1)
@@ -263,6 +314,15 @@ impl Net {
         // CRR opens many short connections to one address: reuse TIME_WAIT ports.
         client.sysctl("net.ipv4.tcp_tw_reuse=1");
         client.sysctl("net.ipv4.ip_local_port_range=1024 65000");
+        if variant == Variant::LbXdp {
+            // A local socket's packet crosses a veth with a partial checksum (the
+            // pseudo-header's sum only), which no NIC delivers and which an XDP program,
+            // rewriting complete checksums, cannot update: the client sends what a wire
+            // would carry, as the end-to-end tests in XDP mode do.
+            client
+                .run(|| tx_checksum_off("eth0"))
+                .context("turning transmit checksum offload off on the client's eth0")?;
+        }
         let mut net = Self {
             servers: Vec::new(),
             topo,
@@ -277,6 +337,14 @@ impl Net {
 
     fn client(&self) -> &NetNs {
         &self.topo.clients[0].ns
+    }
+
+    /// Datagrams the pods' sinks have received so far.
+    fn flood_received(&self) -> u64 {
+        self.servers
+            .iter()
+            .map(|s| s.flood_received.load(Ordering::Relaxed))
+            .sum()
     }
 }
 
@@ -318,8 +386,28 @@ fn run_in_topology(plan: &NetPlan, lbt_client: &Path) -> Result<NetReport> {
                     report
                         .load_ms
                         .insert((n, variant), vec![started.elapsed().as_secs_f64() * 1e3]);
-                    check(variant, net.client(), &pods, lbt_client)?;
+                    if let Err(e) = check(variant, net.client(), &pods, lbt_client) {
+                        return Err(match &active {
+                            Active::Lb { guard } if variant == Variant::LbXdp => {
+                                e.context(format!("XDP counters: {:?}", guard.xdp_counters()))
+                            }
+                            _ => e,
+                        });
+                    }
+                    if let Active::Lb { guard } = &active
+                        && let Some(mode) = &guard.xdp_mode
+                    {
+                        report.xdp_mode = Some(mode.clone());
+                    }
                     nets.push((variant, net, active));
+                }
+                // A kernel without what the variant needs (the XDP program, or XDP on
+                // veth) leaves it out, saying why.
+                Err(e) if e.downcast_ref::<Unsupported>().is_some() => {
+                    println!("datapath: {}: {e:#}; skipped", variant.name());
+                    report
+                        .overran
+                        .push((n, variant, "not supported here".to_owned()));
                 }
                 // A load that overruns the limit, or that the tool refuses at this size
                 // (iptables-legacy's table size limit), leaves the variant out here.
@@ -339,7 +427,7 @@ fn run_in_topology(plan: &NetPlan, lbt_client: &Path) -> Result<NetReport> {
             let mut order: Vec<usize> = (0..nets.len()).collect();
             order.rotate_left(round % nets.len().max(1));
             for i in order {
-                let (variant, net, _) = &nets[i];
+                let (variant, net, active) = &nets[i];
                 let variant = *variant;
                 crate::interrupt::check("the benchmark's namespaces were removed")?;
                 println!(
@@ -352,28 +440,57 @@ fn run_in_topology(plan: &NetPlan, lbt_client: &Path) -> Result<NetReport> {
                 for test in Test::ALL {
                     for &clients in &plan.clients {
                         crate::interrupt::check("the benchmark's namespaces were removed")?;
-                        let v = run_test(
-                            net.client(),
-                            variant,
-                            test,
-                            clients,
-                            &pods,
-                            plan.seconds,
-                            lbt_client,
-                        )
-                        .with_context(|| {
+                        let what = || {
                             format!(
                                 "{} through {} ({n} other Services)",
                                 test.name(),
                                 variant.name()
                             )
-                        })?;
+                        };
+                        let v = if test == Test::UdpFlood {
+                            let (rate, loss) =
+                                run_flood(net, variant, clients, &pods, plan.seconds)
+                                    .with_context(what)?;
+                            report
+                                .loss
+                                .entry((n, clients, variant))
+                                .or_default()
+                                .push(loss);
+                            rate
+                        } else {
+                            run_test(
+                                net.client(),
+                                variant,
+                                test,
+                                clients,
+                                &pods,
+                                plan.seconds,
+                                lbt_client,
+                            )
+                            .with_context(what)?
+                        };
                         report
                             .samples
                             .entry((n, test, clients, variant))
                             .or_default()
                             .push(v);
                     }
+                }
+                if let Active::Lb { guard } = active
+                    && variant == Variant::LbXdp
+                {
+                    let counters = guard.xdp_counters();
+                    let new_flows = counters
+                        .iter()
+                        .find(|c| c.0 == XDP_NEW_FLOW)
+                        .map_or(0, |c| c.1);
+                    println!("datapath: XDP counters: {counters:?}");
+                    ensure!(
+                        new_flows > 0,
+                        "lb XDP: the XDP program created no flow ({n} other Services): its \
+                         figures would be the TC programs'"
+                    );
+                    report.xdp_counters.insert(n, counters);
                 }
             }
         }
@@ -386,30 +503,85 @@ fn run_in_topology(plan: &NetPlan, lbt_client: &Path) -> Result<NetReport> {
     Ok(report)
 }
 
+/// `ETHTOOL_STXCSUM` (linux/ethtool.h): sets transmit checksum offload.
+const ETHTOOL_STXCSUM: u32 = 0x17;
+
+/// `ethtool -K DEV tx off` through the ethtool ioctl (no tool needed: the VM guest has
+/// none), in this thread's network namespace.
+fn tx_checksum_off(dev: &str) -> std::io::Result<()> {
+    /// `struct ethtool_value`.
+    #[repr(C)]
+    struct EthtoolValue {
+        cmd: u32,
+        data: u32,
+    }
+    let mut value = EthtoolValue {
+        cmd: ETHTOOL_STXCSUM,
+        data: 0,
+    };
+    // Any socket carries the ioctl.
+    let sock = UdpSocket::bind(("127.0.0.1", 0))?;
+    // SAFETY: an all-zero ifreq is valid (empty name, null data).
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, s) in ifr
+        .ifr_name
+        .iter_mut()
+        .zip(dev.bytes().take(libc::IFNAMSIZ - 1))
+    {
+        *d = s as libc::c_char;
+    }
+    ifr.ifr_ifru.ifru_data = (&raw mut value).cast();
+    // SAFETY: SIOCETHTOOL with an ifreq whose data points at an ethtool_value that
+    // outlives the call.
+    let rc = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCETHTOOL as _, &raw mut ifr) };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// The servers of one pod, threads of this process whose sockets were created in the pod
 /// namespace: TCP echo and UDP echo on [`ECHO_PORT`], a TCP sink on [`SINK_PORT`] that
 /// answers the byte count it received when the client stops sending, and a
 /// connect/request/close server on [`CRR_PORT`] that answers each connection with one line
 /// (`NAME CLIENT`, as the tests' pod servers greet) and closes. They block in accept(2) and
 /// recv(2) (the tests' servers poll, which would dominate a connection-rate test); two
-/// threads serve each listener and the UDP socket.
+/// threads serve each listener and the UDP socket. A UDP sink on [`FLOOD_PORT`] counts
+/// the datagrams it receives (forwarding rate).
 struct PodServers {
     listeners: Vec<TcpListener>,
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
+    flood_received: Arc<AtomicU64>,
 }
 
 impl PodServers {
     fn start(ns: &NetNs, name: &str) -> Result<Self> {
-        let (listeners, udp) = ns.run(|| -> std::io::Result<_> {
+        let (listeners, udp, flood) = ns.run(|| -> std::io::Result<_> {
             let tcp = [CRR_PORT, ECHO_PORT, SINK_PORT]
                 .into_iter()
                 .map(|p| TcpListener::bind(("0.0.0.0", p)))
                 .collect::<std::io::Result<Vec<_>>>()?;
             let udp = UdpSocket::bind(("0.0.0.0", ECHO_PORT))?;
-            Ok((tcp, udp))
+            let flood = UdpSocket::bind(("0.0.0.0", FLOOD_PORT))?;
+            Ok((tcp, udp, flood))
         })?;
         udp.set_read_timeout(Some(Duration::from_millis(100)))?;
+        flood.set_read_timeout(Some(Duration::from_millis(100)))?;
+        // A receive buffer that absorbs a burst while the sink's thread waits for a CPU,
+        // so that the loss is the node's rather than the socket's.
+        let bytes: libc::c_int = 8 << 20;
+        // SAFETY: setsockopt(2) on a socket this function owns, with an int option value.
+        unsafe {
+            libc::setsockopt(
+                flood.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUFFORCE,
+                (&raw const bytes).cast(),
+                size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        let flood_received = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         let mut threads = Vec::new();
         // (serve, on the accepting thread): a greeting is one write, so the acceptor does
@@ -445,11 +617,49 @@ impl PodServers {
                 }
             }));
         }
+        {
+            let (stop, received) = (stop.clone(), flood_received.clone());
+            threads.push(std::thread::spawn(move || {
+                flood_sink(&flood, &stop, &received);
+            }));
+        }
         Ok(Self {
             listeners,
             stop,
             threads,
+            flood_received,
         })
+    }
+}
+
+/// Counts the datagrams `sock` receives into `received` until `stop`, [`FLOOD_BATCH`] per
+/// recvmmsg(2) call (the socket's receive timeout bounds each wait).
+fn flood_sink(sock: &UdpSocket, stop: &AtomicBool, received: &AtomicU64) {
+    let mut bufs = [[0u8; 2 * FLOOD_PAYLOAD]; FLOOD_BATCH];
+    // SAFETY: all-zero iovec and mmsghdr are valid (null pointers, zero lengths).
+    let mut iovs: [libc::iovec; FLOOD_BATCH] = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    let mut msgs: [libc::mmsghdr; FLOOD_BATCH] = unsafe { std::mem::zeroed() };
+    for ((iov, msg), buf) in iovs.iter_mut().zip(&mut msgs).zip(&mut bufs) {
+        iov.iov_base = buf.as_mut_ptr().cast();
+        iov.iov_len = buf.len();
+        msg.msg_hdr.msg_iov = iov;
+        msg.msg_hdr.msg_iovlen = 1;
+    }
+    while !stop.load(Ordering::Relaxed) {
+        // SAFETY: `msgs` holds FLOOD_BATCH headers, each pointing at one live buffer.
+        let n = unsafe {
+            libc::recvmmsg(
+                sock.as_raw_fd(),
+                msgs.as_mut_ptr(),
+                FLOOD_BATCH as libc::c_uint,
+                libc::MSG_WAITFORONE,
+                std::ptr::null_mut(),
+            )
+        };
+        if n > 0 {
+            received.fetch_add(n as u64, Ordering::Relaxed);
+        }
     }
 }
 
@@ -536,6 +746,7 @@ fn target_ports(pods: &[Ipv4Addr]) -> Vec<ServicePort> {
         ("rr-udp", "udp", ECHO_PORT),
         ("stream", "tcp", SINK_PORT),
         ("crr", "tcp", CRR_PORT),
+        ("flood", "udp", FLOOD_PORT),
     ]
     .into_iter()
     .map(|(name, proto, port)| ServicePort {
@@ -577,9 +788,9 @@ fn all_ports(n: usize, pods: &[Ipv4Addr]) -> Vec<ServicePort> {
 /// programs are detached when the guard drops.
 enum Active {
     Rules,
-    /// Held for its `Drop`, which detaches the programs.
+    /// Its `Drop` detaches the programs.
     Lb {
-        _guard: LbGuard,
+        guard: LbGuard,
     },
 }
 
@@ -625,7 +836,10 @@ fn activate(
             Active::Rules
         }
         Variant::Lb => Active::Lb {
-            _guard: LbGuard::start(node, n, pods)?,
+            guard: LbGuard::start(node, n, pods, false)?,
+        },
+        Variant::LbXdp => Active::Lb {
+            guard: LbGuard::start(node, n, pods, true)?,
         },
     })
 }
@@ -687,27 +901,53 @@ impl fmt::Display for TimedOut {
 
 impl std::error::Error for TimedOut {}
 
+/// A kernel that lacks what a variant needs; the variant is left out, saying why.
+#[derive(Debug)]
+pub struct Unsupported(pub String);
+
+impl fmt::Display for Unsupported {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Unsupported {}
+
+/// The XDP program's counter of the flows it created.
+const XDP_NEW_FLOW: &str = "new_flow";
+
 /// lb's datapath loaded and attached in the node namespace by a thread living there;
 /// dropping the guard detaches it and removes its pins.
 struct LbGuard {
     stop: Option<mpsc::Sender<()>>,
     thread: Option<JoinHandle<()>>,
+    metrics: Metrics,
+    /// With the XDP program: how it was attached to the clients' side (`native`,
+    /// `generic`).
+    xdp_mode: Option<String>,
 }
 
 impl LbGuard {
-    fn start(node: &NetNs, n: usize, pods: &[Ipv4Addr]) -> Result<Self> {
+    /// Loads and attaches the programs; with `xdp`, the XDP program too, on the node's
+    /// devices on the clients' side ([`CLIENT_DEVICES`], in the agent's `auto` mode).
+    fn start(node: &NetNs, n: usize, pods: &[Ipv4Addr], xdp: bool) -> Result<Self> {
         let path = node.path();
         let pods = pods.to_vec();
-        let (ready_tx, ready_rx) = mpsc::channel::<Result<()>>();
+        let (ready_tx, ready_rx) = mpsc::channel::<Result<Metrics>>();
         let (stop_tx, stop_rx) = mpsc::channel::<()>();
         let thread = std::thread::spawn(move || {
             ::tests::netns::enter(&path);
+            // One pin directory per variant: both lb variants are attached at once, in
+            // networks whose devices have the same names and ifindexes, and a link pin
+            // found at the same path would be taken over in place (as an agent restart
+            // does) instead of attaching in this network.
             let root = PathBuf::from(format!(
-                "/sys/fs/bpf/lbbench-{}-datapath",
-                std::process::id()
+                "/sys/fs/bpf/lbbench-{}-{}",
+                std::process::id(),
+                if xdp { "datapath-xdp" } else { "datapath" }
             ));
             let _pins = PinDir(root.clone());
-            let loaded = (|| -> Result<Datapath> {
+            let loaded = (|| -> Result<(Datapath, Metrics)> {
                 let mut objs = objects(n)?;
                 let (svc, slice) = target_objects(&pods)?;
                 objs.services
@@ -716,6 +956,13 @@ impl LbGuard {
                     .insert(("bench".into(), "target-1".into()), compact(slice));
                 datapath::prepare(&root)?;
                 let mut dp = Datapath::load_sized(&root, None, &sizes_for(n + 1))?;
+                if xdp {
+                    dp.enable_xdp(XdpConfig {
+                        devices: DevicePatterns::parse(CLIENT_DEVICES),
+                        mode: XdpAttachMode::Auto,
+                    })
+                    .map_err(|e| Unsupported(format!("{e}")))?;
+                }
                 let mut maps = dp.service_maps()?;
                 let desired = model::desired_state(&objs, &NodeContext::default());
                 let stats = Applier::new().sync(&desired, &mut maps)?;
@@ -726,11 +973,12 @@ impl LbGuard {
                 );
                 let attached = dp.sync_devices(&DevicePatterns::parse(NODE_DEVICES));
                 ensure!(!attached.is_empty(), "attached to no device");
-                Ok(dp)
+                let metrics = dp.metrics()?;
+                Ok((dp, metrics))
             })();
             match loaded {
-                Ok(mut dp) => {
-                    let _ = ready_tx.send(Ok(()));
+                Ok((mut dp, metrics)) => {
+                    let _ = ready_tx.send(Ok(metrics));
                     // Until the guard is dropped (or its sender goes away).
                     let _ = stop_rx.recv();
                     dp.detach_all();
@@ -740,14 +988,49 @@ impl LbGuard {
                 }
             }
         });
-        let guard = Self {
+        let ready = ready_rx
+            .recv()
+            .map_err(|_| anyhow!("the datapath thread died"));
+        let mut guard = Self {
             stop: Some(stop_tx),
             thread: Some(thread),
+            metrics: match ready {
+                Ok(Ok(m)) => m,
+                // The thread has ended: nothing to detach.
+                Ok(Err(e)) | Err(e) => return Err(e),
+            },
+            xdp_mode: None,
         };
-        ready_rx
-            .recv()
-            .map_err(|_| anyhow!("the datapath thread died"))??;
+        if xdp {
+            // One client: its node-side device.
+            let out = command_in(node, &["ip", "-o", "link", "show", "dev", "veth-c1"]).output()?;
+            let line = String::from_utf8_lossy(&out.stdout);
+            let words: Vec<&str> = line.split_whitespace().collect();
+            // `ip link` shows the attach mode as a word of its own.
+            guard.xdp_mode = if words.contains(&"xdpgeneric") {
+                Some("generic".to_owned())
+            } else if words.contains(&"xdp") || words.contains(&"xdpdrv") {
+                Some("native".to_owned())
+            } else {
+                // Dropping the guard detaches the TC programs.
+                return Err(Unsupported("the XDP program did not attach to veth-c1".into()).into());
+            };
+            println!(
+                "datapath: lb XDP: XDP attached to veth-c1 ({})",
+                guard.xdp_mode.as_deref().unwrap_or_default()
+            );
+        }
         Ok(guard)
+    }
+
+    /// The XDP program's non-zero counters: (reason, packets).
+    fn xdp_counters(&self) -> Vec<(&'static str, u64)> {
+        self.metrics
+            .snapshot()
+            .into_iter()
+            .filter(|c| c.1 == "xdp")
+            .map(|(reason, _, packets)| (reason, packets))
+            .collect()
     }
 }
 
@@ -768,7 +1051,8 @@ fn target_objects(pods: &[Ipv4Addr]) -> Result<(Service, EndpointSlice)> {
             {"name": "rr", "port": ECHO_PORT, "protocol": "TCP", "targetPort": ECHO_PORT},
             {"name": "rr-udp", "port": ECHO_PORT, "protocol": "UDP", "targetPort": ECHO_PORT},
             {"name": "stream", "port": SINK_PORT, "protocol": "TCP", "targetPort": SINK_PORT},
-            {"name": "crr", "port": CRR_PORT, "protocol": "TCP", "targetPort": CRR_PORT}]}
+            {"name": "crr", "port": CRR_PORT, "protocol": "TCP", "targetPort": CRR_PORT},
+            {"name": "flood", "port": FLOOD_PORT, "protocol": "UDP", "targetPort": FLOOD_PORT}]}
     }))?;
     let endpoints: Vec<_> = pods
         .iter()
@@ -782,7 +1066,8 @@ fn target_objects(pods: &[Ipv4Addr]) -> Result<(Service, EndpointSlice)> {
         "ports": [{"name": "rr", "port": ECHO_PORT, "protocol": "TCP"},
                   {"name": "rr-udp", "port": ECHO_PORT, "protocol": "UDP"},
                   {"name": "stream", "port": SINK_PORT, "protocol": "TCP"},
-                  {"name": "crr", "port": CRR_PORT, "protocol": "TCP"}]
+                  {"name": "crr", "port": CRR_PORT, "protocol": "TCP"},
+                  {"name": "flood", "port": FLOOD_PORT, "protocol": "UDP"}]
     }))?;
     Ok((svc, slice))
 }
@@ -870,6 +1155,7 @@ fn run_test(
         Test::UdpRr => ("udp-rr", ECHO_PORT),
         Test::TcpStream => ("stream", SINK_PORT),
         Test::TcpCrr => ("crr", CRR_PORT),
+        Test::UdpFlood => bail!("the forwarding rate is measured by run_flood"),
     };
     let argvs: Vec<Vec<String>> = (0..clients)
         .map(|k| {
@@ -901,6 +1187,97 @@ fn run_test(
     } else {
         total
     })
+}
+
+/// The forwarding-rate test with `clients` senders (threads of this process whose
+/// sockets were created in the client namespace, each one flow to the Service): returns
+/// the datagrams the pods received per second of sending, and the share that was lost.
+fn run_flood(
+    net: &Net,
+    variant: Variant,
+    clients: usize,
+    pods: &[Ipv4Addr],
+    seconds: u32,
+) -> Result<(f64, f64)> {
+    let targets: Vec<Ipv4Addr> = (0..clients).map(|k| target(variant, pods, k)).collect();
+    let socks = net
+        .client()
+        .run(move || -> std::io::Result<Vec<UdpSocket>> {
+            targets
+                .into_iter()
+                .map(|ip| {
+                    let s = UdpSocket::bind(("0.0.0.0", 0))?;
+                    s.connect((ip, FLOOD_PORT))?;
+                    Ok(s)
+                })
+                .collect()
+        })?;
+    let before = net.flood_received();
+    let length = Duration::from_secs(u64::from(seconds));
+    let started = Instant::now();
+    let sent: u64 = std::thread::scope(|scope| {
+        let senders: Vec<_> = socks
+            .iter()
+            .map(|s| scope.spawn(move || flood(s, length)))
+            .collect();
+        senders.into_iter().map(|h| h.join().unwrap_or(0)).sum()
+    });
+    let took = started.elapsed().as_secs_f64();
+    // Datagrams still queued reach the sinks within milliseconds: wait until the count
+    // stops moving (at most a second).
+    let mut received = net.flood_received();
+    let settle = Instant::now();
+    while settle.elapsed() < Duration::from_secs(1) {
+        std::thread::sleep(Duration::from_millis(50));
+        let now = net.flood_received();
+        if now == received {
+            break;
+        }
+        received = now;
+    }
+    let received = received - before;
+    ensure!(sent > 0, "the clients sent nothing");
+    ensure!(received > 0, "no datagram got through");
+    Ok((
+        received as f64 / took,
+        1.0 - (received as f64 / sent as f64).min(1.0),
+    ))
+}
+
+/// Sends [`FLOOD_PAYLOAD`]-byte datagrams on the connected `sock` for `length`,
+/// [`FLOOD_BATCH`] per sendmmsg(2) call; returns how many the kernel accepted.
+fn flood(sock: &UdpSocket, length: Duration) -> u64 {
+    let payload = [0x5au8; FLOOD_PAYLOAD];
+    // SAFETY: all-zero iovec and mmsghdr are valid (null pointers, zero lengths).
+    let mut iov: libc::iovec = unsafe { std::mem::zeroed() };
+    iov.iov_base = payload.as_ptr().cast_mut().cast();
+    iov.iov_len = payload.len();
+    // SAFETY: as above.
+    let mut msgs: [libc::mmsghdr; FLOOD_BATCH] = unsafe { std::mem::zeroed() };
+    for m in &mut msgs {
+        // Every message is the same payload; the kernel only reads it.
+        m.msg_hdr.msg_iov = &raw mut iov;
+        m.msg_hdr.msg_iovlen = 1;
+    }
+    let started = Instant::now();
+    let mut sent = 0u64;
+    // Bounded by time; the count bound only guards against a clock that stands still.
+    while started.elapsed() < length && sent < 1 << 40 {
+        // SAFETY: `msgs` holds FLOOD_BATCH headers pointing at `iov`, which points at
+        // `payload`; all outlive the call.
+        let n = unsafe {
+            libc::sendmmsg(
+                sock.as_raw_fd(),
+                msgs.as_mut_ptr(),
+                FLOOD_BATCH as libc::c_uint,
+                0,
+            )
+        };
+        if n > 0 {
+            sent += n as u64;
+        }
+    }
+    sent
 }
 
 /// `MODE COUNT SECONDS` from `lbt-client`: COUNT per second.
@@ -984,7 +1361,7 @@ mod tests {
     fn measured_service_sits_in_the_middle() {
         let pods = [Ipv4Addr::new(10, 201, 1, 2), Ipv4Addr::new(10, 201, 2, 2)];
         let ports = all_ports(4, &pods);
-        assert_eq!(ports.len(), 8);
+        assert_eq!(ports.len(), 9);
         assert_eq!(ports[2].cluster_ip, TARGET_VIP);
         assert_eq!(ports[2].endpoints, pods);
     }

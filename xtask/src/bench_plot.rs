@@ -35,6 +35,7 @@ fn color(v: Variant) -> RGBColor {
         Variant::Iptables => RGBColor(214, 39, 40),
         Variant::Nftables => RGBColor(255, 127, 14),
         Variant::Lb => RGBColor(44, 160, 44),
+        Variant::LbXdp => RGBColor(31, 119, 180),
     }
 }
 
@@ -60,19 +61,19 @@ fn size_label(n: usize) -> String {
 /// other Services, for `clients` clients.
 pub fn datapath(path: &Path, report: &NetReport, sizes: &[usize], clients: usize) -> Result<()> {
     init_font()?;
-    let root = BitMapBackend::new(path, (1400, 1000)).into_drawing_area();
+    let root = BitMapBackend::new(path, (1400, 1450)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| anyhow!("{e}"))?;
     let (title, body) = root.split_vertically(50);
     title
         .titled(
             &format!(
-                "Same Service, four ways: median relative to direct (pod IP), {clients} client(s)"
+                "Same Service, five ways: median relative to direct (pod IP), {clients} client(s)"
             ),
             ("sans-serif", 26),
         )
         .map_err(|e| anyhow!("{e}"))?;
     let k = sizes.len();
-    for (area, test) in body.split_evenly((2, 2)).iter().zip(Test::ALL) {
+    for (area, test) in body.split_evenly((3, 2)).iter().zip(Test::ALL) {
         let series: Vec<(Variant, Vec<(f64, f64)>)> = Variant::ALL
             .iter()
             .map(|&v| {

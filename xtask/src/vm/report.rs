@@ -319,7 +319,7 @@ fn render_steps(records: &[Record], md: &mut String) {
 }
 
 /// Variant columns of the benchmark, in its report order.
-const VARIANTS: [&str; 4] = ["direct", "iptables", "nftables", "lb"];
+const VARIANTS: [&str; 5] = ["direct", "iptables", "nftables", "lb", "lb XDP"];
 
 fn render_bench(records: &[Record], md: &mut String) {
     let _ = writeln!(
@@ -330,9 +330,10 @@ fn render_bench(records: &[Record], md: &mut String) {
          guest. The guest runs under QEMU's TCG emulator, not KVM (nested KVM hangs here),\n\
          so the figures are an emulator's: a few hundred transactions per 1 s test, which\n\
          swing by up to 2x between runs and between variants (even direct against the\n\
-         others). What the run shows is that all four variants program and carry TCP and UDP\n\
-         on this kernel (lb through netlink TC); the ratios are printed as measured, not as a\n\
-         verdict. The host's figures are in results/bench.md.\n"
+         others). What the run shows is that every variant programs and carries TCP and UDP\n\
+         on this kernel (lb through netlink TC, lb XDP with the XDP program in front); the\n\
+         ratios are printed as measured, not as a verdict. The host's figures are in\n\
+         results/bench.md.\n"
     );
     let rows: Vec<&Record> = of(records, "bench")
         .filter(|r| r.column == Column::Guest)
@@ -343,8 +344,8 @@ fn render_bench(records: &[Record], md: &mut String) {
     }
     let _ = writeln!(
         md,
-        "| other Services | test | unit | {} | lb / direct | lb / iptables | lb / nftables |\n\
-         |---:|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| other Services | test | unit | {} | lb / direct | lb / iptables | lb / nftables | lb XDP / lb |\n\
+         |---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         VARIANTS.join(" | ")
     );
     // `size test clients variant value unit`.
@@ -383,14 +384,16 @@ fn render_bench(records: &[Record], md: &mut String) {
         };
         let _ = writeln!(
             md,
-            "| {size} | {test}{clients} | {unit} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {size} | {test}{clients} | {unit} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             shown("direct"),
             shown("iptables"),
             shown("nftables"),
             shown("lb"),
+            shown("lb XDP"),
             ratio("lb", "direct"),
             ratio("lb", "iptables"),
             ratio("lb", "nftables"),
+            ratio("lb XDP", "lb"),
         );
     }
     let skipped: Vec<&Record> = of(records, "bench-skip").collect();
