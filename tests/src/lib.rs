@@ -56,8 +56,48 @@ pub fn xdp_mode() -> Option<&'static str> {
 /// program, rewrites complete checksums, so the clients send what a wire would carry.
 pub fn wire_checksums(ns: &netns::NetNs, dev: &str) {
     if xdp_mode().is_some() {
-        netns::run_in(ns, &["ethtool", "-K", dev, "tx", "off"]);
+        let owned = dev.to_owned();
+        ns.run(move || tx_checksum_off(&owned))
+            .unwrap_or_else(|e| panic!("turning transmit checksum offload off on {dev}: {e}"));
     }
+}
+
+/// `ETHTOOL_STXCSUM` (linux/ethtool.h): sets transmit checksum offload.
+const ETHTOOL_STXCSUM: u32 = 0x17;
+
+/// `ethtool -K DEV tx off` through the ethtool ioctl, in this thread's network namespace
+/// (no tool needed: the VM guest has none).
+pub fn tx_checksum_off(dev: &str) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    /// `struct ethtool_value`.
+    #[repr(C)]
+    struct EthtoolValue {
+        cmd: u32,
+        data: u32,
+    }
+    let mut value = EthtoolValue {
+        cmd: ETHTOOL_STXCSUM,
+        data: 0,
+    };
+    // Any socket carries the ioctl.
+    let sock = std::net::UdpSocket::bind(("127.0.0.1", 0))?;
+    // SAFETY: an all-zero ifreq is valid (empty name, null data).
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, s) in ifr
+        .ifr_name
+        .iter_mut()
+        .zip(dev.bytes().take(libc::IFNAMSIZ - 1))
+    {
+        *d = s as libc::c_char;
+    }
+    ifr.ifr_ifru.ifru_data = (&raw mut value).cast();
+    // SAFETY: SIOCETHTOOL with an ifreq whose data points at an ethtool_value that
+    // outlives the call.
+    let rc = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCETHTOOL as _, &raw mut ifr) };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Whether this process runs as root.

@@ -320,7 +320,7 @@ impl Net {
             // rewriting complete checksums, cannot update: the client sends what a wire
             // would carry, as the end-to-end tests in XDP mode do.
             client
-                .run(|| tx_checksum_off("eth0"))
+                .run(|| ::tests::tx_checksum_off("eth0"))
                 .context("turning transmit checksum offload off on the client's eth0")?;
         }
         let mut net = Self {
@@ -501,43 +501,6 @@ fn run_in_topology(plan: &NetPlan, lbt_client: &Path) -> Result<NetReport> {
         }
     }
     Ok(report)
-}
-
-/// `ETHTOOL_STXCSUM` (linux/ethtool.h): sets transmit checksum offload.
-const ETHTOOL_STXCSUM: u32 = 0x17;
-
-/// `ethtool -K DEV tx off` through the ethtool ioctl (no tool needed: the VM guest has
-/// none), in this thread's network namespace.
-fn tx_checksum_off(dev: &str) -> std::io::Result<()> {
-    /// `struct ethtool_value`.
-    #[repr(C)]
-    struct EthtoolValue {
-        cmd: u32,
-        data: u32,
-    }
-    let mut value = EthtoolValue {
-        cmd: ETHTOOL_STXCSUM,
-        data: 0,
-    };
-    // Any socket carries the ioctl.
-    let sock = UdpSocket::bind(("127.0.0.1", 0))?;
-    // SAFETY: an all-zero ifreq is valid (empty name, null data).
-    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
-    for (d, s) in ifr
-        .ifr_name
-        .iter_mut()
-        .zip(dev.bytes().take(libc::IFNAMSIZ - 1))
-    {
-        *d = s as libc::c_char;
-    }
-    ifr.ifr_ifru.ifru_data = (&raw mut value).cast();
-    // SAFETY: SIOCETHTOOL with an ifreq whose data points at an ethtool_value that
-    // outlives the call.
-    let rc = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCETHTOOL as _, &raw mut ifr) };
-    if rc < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
 }
 
 /// The servers of one pod, threads of this process whose sockets were created in the pod
