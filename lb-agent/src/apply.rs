@@ -50,8 +50,9 @@ use std::{
 
 use lb_common::{
     BACKEND_ACTIVE, BACKEND_F_SNAT, BACKEND_TERMINATING, Backend, MAGLEV_TABLE_SIZE,
-    SVC_F_ADDR_MARKER, SVC_F_AFFINITY, SVC_F_DROP_EMPTY, SVC_F_EXTERNAL, SVC_F_MAGLEV,
-    SVC_F_SOURCE_RANGES, ServiceKey, ServiceValue, SourceRangeKey, capacity, map_names, proto,
+    SVC_F_ADDR_MARKER, SVC_F_AFFINITY, SVC_F_DROP_EMPTY, SVC_F_EXTERNAL, SVC_F_INTERNAL_SCOPE,
+    SVC_F_MAGLEV, SVC_F_SOURCE_RANGES, ServiceKey, ServiceValue, SourceRangeKey, capacity,
+    map_names, proto,
 };
 
 use crate::{
@@ -59,7 +60,7 @@ use crate::{
     maps::{MapError, ServiceMaps},
     model::{
         BackendAddr, Cidr, Desired, DesiredService, Frontend, FrontendKind, ObjectRef, Problem,
-        Protocol,
+        Protocol, Scope,
     },
 };
 
@@ -258,6 +259,7 @@ fn backend_addr(b: &Backend) -> BackendAddr {
 /// Key of slot `slot` of `fe`.
 fn key(fe: &Frontend, slot: u16) -> ServiceKey {
     ServiceKey::new(addr_be(fe.addr), fe.port.to_be(), fe.proto.number(), slot)
+        .with_scope(fe.scope.number())
 }
 
 /// Key of the slot at index `i` of a slot vector (slot `i + 1`).
@@ -425,11 +427,11 @@ impl Applier {
                 scope,
                 ..ServiceKey::new(a, p, pr, slot)
             };
-            let fe = protocol(pr).filter(|_| scope == 0).map(|proto| Frontend {
-                addr: addr_of(a),
-                port: u16::from_be(p),
-                proto,
-            });
+            let fe = protocol(pr)
+                .zip(Scope::from_number(scope))
+                .map(|(proto, scope)| {
+                    Frontend::new(addr_of(a), u16::from_be(p), proto).with_scope(scope)
+                });
             let head = slots.get(&0).copied();
             let usable = match (fe, head) {
                 (Some(_), Some(h)) => {
@@ -804,6 +806,7 @@ impl Applier {
             (d.drop_when_empty, SVC_F_DROP_EMPTY),
             (d.kind != FrontendKind::ClusterIp, SVC_F_EXTERNAL),
             (maglev.is_some(), SVC_F_MAGLEV),
+            (d.internal_twin, SVC_F_INTERNAL_SCOPE),
         ] {
             if on {
                 flags |= flag;
@@ -834,16 +837,8 @@ impl Applier {
         let mut stale: Vec<Ipv4Addr> = Vec::new();
         for addr in addrs {
             // Frontends sort by address first: this range is the address's frontends.
-            let first = Frontend {
-                addr,
-                port: 0,
-                proto: Protocol::Tcp,
-            };
-            let last = Frontend {
-                addr,
-                port: u16::MAX,
-                proto: Protocol::Udp,
-            };
+            let first = Frontend::new(addr, 0, Protocol::Tcp);
+            let last = Frontend::new(addr, u16::MAX, Protocol::Udp).with_scope(Scope::Internal);
             let covered = self
                 .frontends
                 .range(first..=last)
@@ -1140,13 +1135,10 @@ fn transition(fe: &Frontend, old: &FrontendState, new: &FrontendState) -> Vec<St
 pub(crate) mod tests {
     use super::*;
     use crate::maps::{MaglevTables, MemMaps, MemOp};
+    use lb_common::{SCOPE_ALL, SCOPE_INTERNAL};
 
     fn fe(last: u8, port: u16) -> Frontend {
-        Frontend {
-            addr: Ipv4Addr::new(10, 96, 0, last),
-            port,
-            proto: Protocol::Tcp,
-        }
+        Frontend::new(Ipv4Addr::new(10, 96, 0, last), port, Protocol::Tcp)
     }
 
     fn b(last: u8) -> BackendAddr {
@@ -1177,6 +1169,7 @@ pub(crate) mod tests {
             drop_when_empty: false,
             snat: Vec::new(),
             maglev: false,
+            internal_twin: false,
         }
     }
 
@@ -1372,11 +1365,12 @@ pub(crate) mod tests {
             }
             assert!(service_ids.insert(v.service_id), "service id reused");
             assert_ne!(v.service_id, 0);
-            let f = Frontend {
-                addr: addr_of(k.addr_be),
-                port: u16::from_be(k.port_be),
-                proto: protocol(k.proto).unwrap(),
-            };
+            let f = Frontend::new(
+                addr_of(k.addr_be),
+                u16::from_be(k.port_be),
+                protocol(k.proto).unwrap(),
+            )
+            .with_scope(Scope::from_number(k.scope).unwrap());
             accounted_services.insert(*k);
             let mut active = BTreeSet::new();
             for slot in 1..=v.count {
@@ -1833,6 +1827,54 @@ pub(crate) mod tests {
         for (id, be) in &snapshot.1 {
             assert_eq!(m.backends.get(id), Some(be), "backend {id} changed");
         }
+    }
+
+    #[test]
+    fn an_in_cluster_twin_is_keyed_at_its_scope_flagged_on_its_frontend_and_adopted() {
+        let mut a = Applier::new();
+        let mut m = MemMaps::default();
+        let outer = fe(20, 80);
+        let twin = outer.with_scope(Scope::Internal);
+        let external = |active: &[u8], internal_twin: bool| DesiredService {
+            kind: FrontendKind::ExternalIp,
+            internal_twin,
+            ..svc(active, &[], None)
+        };
+        let d = desired(&[
+            (outer, external(&[], true)),
+            (twin, external(&[1, 2], false)),
+        ]);
+        sync(&mut a, &d, &mut m);
+        assert_eq!(rendering(&m), expected(&d));
+        let head =
+            |m: &MemMaps, scope: u8| m.services.get(&key(&outer, 0).with_scope(scope)).copied();
+        let (outer_head, twin_head) = (
+            head(&m, SCOPE_ALL).unwrap(),
+            head(&m, SCOPE_INTERNAL).unwrap(),
+        );
+        assert_ne!(outer_head.flags & SVC_F_INTERNAL_SCOPE, 0);
+        assert_eq!(twin_head.flags & SVC_F_INTERNAL_SCOPE, 0);
+        assert_eq!((outer_head.count, twin_head.count), (0, 2));
+        assert_ne!(outer_head.service_id, twin_head.service_id);
+        for slot in 1..=2 {
+            assert!(m.services.contains_key(&key(&twin, slot)));
+            assert!(!m.services.contains_key(&key(&outer, slot)));
+        }
+        // A restarted agent takes both over as they are.
+        let mut b = Applier::adopt(&m).unwrap();
+        assert_eq!(
+            sync(&mut b, &d, &mut m),
+            SyncStats::default(),
+            "{:#?}",
+            m.log
+        );
+        assert_eq!(b.service_id(&twin), a.service_id(&twin));
+        // The policy back to `Cluster`: the twin goes, the frontend loses its flag.
+        let d = desired(&[(outer, external(&[1, 2], false))]);
+        sync(&mut b, &d, &mut m);
+        assert_eq!(rendering(&m), expected(&d));
+        assert_eq!(head(&m, SCOPE_INTERNAL), None);
+        assert_eq!(head(&m, SCOPE_ALL).unwrap().flags & SVC_F_INTERNAL_SCOPE, 0);
     }
 
     #[test]

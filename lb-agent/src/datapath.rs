@@ -55,6 +55,7 @@ use crate::{
         XDP_SINCE,
     },
     maps::{MapError, ServiceMaps},
+    model::Cidr,
 };
 
 /// The eBPF object built by `build.rs` (absent when built with `AYA_BUILD_SKIP=1`).
@@ -659,6 +660,28 @@ impl Datapath {
             source_ranges,
             maglev,
         })
+    }
+
+    /// Writes the cluster's pod prefixes (`--cluster-cidr`): new flows from them to a
+    /// `Local` external frontend use its in-cluster twin. Call before the first
+    /// `sync_devices`, so that the programs never run without them.
+    pub fn set_cluster_cidrs(&mut self, cidrs: &[Cidr]) -> Result<()> {
+        if cidrs.is_empty() {
+            return Ok(());
+        }
+        let map = self
+            .ebpf
+            .map_mut(map_names::CLUSTER_CIDRS)
+            .ok_or_else(|| DatapathError::Load("map LB4_CLUSTER_CIDRS missing".into()))?;
+        let mut trie: LpmTrie<_, u32, u32> =
+            LpmTrie::try_from(map).map_err(|e| DatapathError::Load(Box::new(e)))?;
+        for c in cidrs {
+            let key = LpmKey::new(u32::from(c.len), u32::from(c.addr).to_be());
+            trie.insert(&key, 1, 0)
+                .map_err(|e| DatapathError::Load(format!("--cluster-cidr {c}: {e}").into()))?;
+        }
+        info!(cidrs = ?cidrs.iter().map(ToString::to_string).collect::<Vec<_>>(), "cluster CIDRs set");
+        Ok(())
     }
 
     /// Takes the per-CPU counters out.

@@ -57,8 +57,17 @@ struct Cli {
     /// report the others, naming the Service: the guard against CVE-2020-8554 (whoever may
     /// create a Service could otherwise capture traffic to any address by listing it as
     /// an externalIP). An empty list admits none. Default: every externalIP, as kube-proxy.
-    #[arg(long, value_name = "CIDRS", value_parser = model::ExternalIpCidrs::parse)]
-    external_ip_cidrs: Option<model::ExternalIpCidrs>,
+    #[arg(long, value_name = "CIDRS", value_parser = model::CidrList::parse)]
+    external_ip_cidrs: Option<model::CidrList>,
+
+    /// The cluster's pod address ranges (comma-separated CIDRs), as kube-proxy's flag:
+    /// pods reaching a NodePort, externalIP or LoadBalancer IP whose Service has
+    /// `externalTrafficPolicy: Local` are sent to any of its endpoints, not only to this
+    /// node's (kube-proxy's short-circuit for traffic from inside the cluster). The
+    /// node's own processes get that with `--cgroup-path` alone. Without it, pods are
+    /// treated like external clients.
+    #[arg(long, value_name = "CIDRS", value_parser = model::CidrList::parse)]
+    cluster_cidr: Option<model::CidrList>,
 
     /// Devices to attach to: comma-separated names or globs (`veth*,eth0`). Matching
     /// devices that appear later (pod veths) are attached when they appear.
@@ -415,6 +424,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let mut dp = Datapath::load(&cli.bpffs_root, cli.ebpf_object.as_deref())?;
     if cli.force_netlink_tc {
         dp.force_netlink_tc()?;
+    }
+    if let Some(cidrs) = &cli.cluster_cidr {
+        dp.set_cluster_cidrs(&cidrs.0)?;
     }
     if let Some(xdp) = &cli.xdp {
         dp.enable_xdp(datapath::XdpConfig {

@@ -151,13 +151,14 @@ impl Default for NodeContext {
     }
 }
 
-/// `--external-ip-cidrs`: the prefixes within which externalIPs are admitted.
+/// A flag's list of IPv4 prefixes: `--external-ip-cidrs` (the prefixes within which
+/// externalIPs are admitted), `--cluster-cidr` (the pods' addresses).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ExternalIpCidrs(pub Vec<Cidr>);
+pub struct CidrList(pub Vec<Cidr>);
 
-impl ExternalIpCidrs {
-    /// Parses the flag: comma-separated IPv4 CIDRs; IPv6 ones are accepted and admit
-    /// nothing, as this datapath is IPv4 only. Empty: no externalIP is admitted.
+impl CidrList {
+    /// Parses the flag: comma-separated IPv4 CIDRs; IPv6 ones are accepted and match
+    /// nothing, as this datapath is IPv4 only. Empty: an empty list.
     pub fn parse(text: &str) -> Result<Self, String> {
         let mut cidrs = Vec::new();
         for item in text.split(',').map(str::trim).filter(|s| !s.is_empty()) {
@@ -333,6 +334,62 @@ pub struct Frontend {
     pub port: u16,
     /// The protocol.
     pub proto: Protocol,
+    /// Which clients the entry is for.
+    pub scope: Scope,
+}
+
+impl Frontend {
+    /// The frontend (addr, port, proto) as every client sees it.
+    pub fn new(addr: Ipv4Addr, port: u16, proto: Protocol) -> Self {
+        Self {
+            addr,
+            port,
+            proto,
+            scope: Scope::All,
+        }
+    }
+
+    /// The same frontend at scope `scope`.
+    pub fn with_scope(self, scope: Scope) -> Self {
+        Self { scope, ..self }
+    }
+}
+
+/// Which clients a frontend entry is for.
+///
+/// A NodePort, externalIP or LoadBalancer IP with `externalTrafficPolicy: Local` has two
+/// entries, as kube-proxy has two chains for it: the frontend itself, with this node's
+/// endpoints, for clients outside the cluster; and an [`Scope::Internal`] twin with every
+/// endpoint of the Service, for clients inside it (the node's own sockets, and pods when
+/// `--cluster-cidr` tells their addresses). Such clients never need their address kept
+/// (they are not the external clients the policy is for), and a pod on a node without
+/// endpoints would otherwise lose its own cluster's Service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub enum Scope {
+    /// Every client (the only scope of most frontends).
+    #[default]
+    All,
+    /// Clients inside the cluster, where the frontend's `All` entry says it has a twin.
+    Internal,
+}
+
+impl Scope {
+    /// The `ServiceKey::scope` value.
+    pub fn number(self) -> u8 {
+        match self {
+            Self::All => lb_common::SCOPE_ALL,
+            Self::Internal => lb_common::SCOPE_INTERNAL,
+        }
+    }
+
+    /// The scope of a `ServiceKey::scope` value.
+    pub fn from_number(n: u8) -> Option<Self> {
+        match n {
+            lb_common::SCOPE_ALL => Some(Self::All),
+            lb_common::SCOPE_INTERNAL => Some(Self::Internal),
+            _ => None,
+        }
+    }
 }
 
 /// What kind of address a frontend is on.
@@ -368,7 +425,11 @@ impl FrontendKind {
 
 impl fmt::Display for Frontend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}/{}", self.addr, self.port, self.proto.as_str())
+        write!(f, "{}:{}/{}", self.addr, self.port, self.proto.as_str())?;
+        match self.scope {
+            Scope::All => Ok(()),
+            Scope::Internal => f.write_str(" (in-cluster clients)"),
+        }
     }
 }
 
@@ -416,6 +477,9 @@ pub struct DesiredService {
     /// and port, the same on every node ([`ANNOTATION_BACKEND_SELECTION`]); only for
     /// north-south frontends.
     pub maglev: bool,
+    /// Clients inside the cluster use this frontend's [`Scope::Internal`] twin instead
+    /// (an external frontend with `externalTrafficPolicy: Local`).
+    pub internal_twin: bool,
 }
 
 /// The desired tables plus everything that was wrong with the input.
@@ -446,6 +510,7 @@ impl Desired {
                     "drop_when_empty": svc.drop_when_empty,
                     "snat": svc.snat.iter().map(ToString::to_string).collect::<Vec<_>>(),
                     "backend_selection": if svc.maglev { "maglev" } else { "random" },
+                    "internal_twin": svc.internal_twin,
                 })
             })
             .collect();
@@ -576,7 +641,12 @@ impl ServiceClaims {
         mut winner: impl FnMut(&Frontend) -> Option<&'o ObjectRef>,
     ) -> BTreeSet<Problem> {
         let mut problems = self.problems.clone();
-        for (fe, entry) in self.frontends.iter() {
+        // A twin shares its frontend's fate: reported once, with the frontend.
+        for (fe, entry) in self
+            .frontends
+            .iter()
+            .filter(|(fe, _)| fe.scope == Scope::All)
+        {
             let what = match entry.kind {
                 FrontendKind::NodePort => format!("nodePort {}/{}", fe.port, fe.proto.as_str()),
                 _ => fe.to_string(),
@@ -719,7 +789,9 @@ pub fn service_claims(
         let eps = categorize(&endpoints, &port_name, proto);
         // kube-proxy's "all locally reachable endpoints": when even those are none, every
         // frontend of the port rejects; otherwise a frontend left empty by its policy drops.
-        let uses_cluster = !internal_local || !external_local;
+        // A Service reachable from outside always uses the cluster's endpoints: its
+        // external frontends' in-cluster twins do, even under two `Local` policies.
+        let uses_cluster = !internal_local || north_south.reachable;
         let uses_local = internal_local || external_local;
         let reachable =
             (uses_cluster && !eps.cluster.is_empty()) || (uses_local && !eps.local.is_empty());
@@ -749,10 +821,28 @@ pub fn service_claims(
                 // A ClusterIP is served by the client's own node: consistency between
                 // nodes buys nothing there, and each table costs 64 KiB of kernel memory.
                 maglev: maglev && kind.is_external(),
+                internal_twin: local && kind.is_external(),
             }
         };
+        // The in-cluster twin of a `Local` external frontend: every endpoint, as for a
+        // `Cluster` policy, minus what only external clients need (source ranges are
+        // checked on the frontend itself; pods and the node need no source NAT; Maglev
+        // is for flows that any node may receive).
+        let twin = |kind: FrontendKind| DesiredService {
+            owner: shared_owner.clone(),
+            port_name: port_name.clone(),
+            active: eps.cluster.iter().copied().collect(),
+            terminating: eps.known.difference(&eps.cluster).copied().collect(),
+            affinity_timeout_s: affinity,
+            kind,
+            source_ranges: None,
+            drop_when_empty: false,
+            snat: Vec::new(),
+            maglev: false,
+            internal_twin: false,
+        };
         let mut wanted: Vec<(Frontend, FrontendKind)> = Vec::new();
-        let at = |addr: Ipv4Addr, port: u16| Frontend { addr, port, proto };
+        let at = |addr: Ipv4Addr, port: u16| Frontend::new(addr, port, proto);
         wanted.extend(
             addrs
                 .iter()
@@ -791,7 +881,12 @@ pub fn service_claims(
                 .iter()
                 .map(|a| (at(*a, svc_port), FrontendKind::LoadBalancer)),
         );
-        claimed.extend(wanted.into_iter().map(|(fe, kind)| (fe, entry(kind))));
+        for (fe, kind) in wanted {
+            if external_local && kind.is_external() {
+                claimed.push((fe.with_scope(Scope::Internal), twin(kind)));
+            }
+            claimed.push((fe, entry(kind)));
+        }
     }
     for (fe, entry) in claimed {
         claims.claim(fe, entry);
@@ -1462,11 +1557,7 @@ mod tests {
     use super::{fixtures::*, *};
 
     fn fe(ip: &str, port: u16, proto: Protocol) -> Frontend {
-        Frontend {
-            addr: ip.parse().unwrap(),
-            port,
-            proto,
-        }
+        Frontend::new(ip.parse().unwrap(), port, proto)
     }
 
     fn b(ip: &str, port: u16) -> BackendAddr {
@@ -2332,7 +2423,7 @@ mod tests {
                     .port("", 80, "TCP", "8080"),
             );
         let guarded = |cidrs: &str| NodeContext {
-            external_ip_cidrs: Some(ExternalIpCidrs::parse(cidrs).unwrap().0),
+            external_ip_cidrs: Some(CidrList::parse(cidrs).unwrap().0),
             ..node()
         };
         let d = desired_state(&w.0, &guarded("203.0.113.0/24, fd00::/8"));
@@ -2352,7 +2443,7 @@ mod tests {
         let d = desired_state(&w.0, &guarded(""));
         assert_eq!(kinds(&d).len(), 2);
         assert_eq!(texts(&d).len(), 2);
-        assert!(ExternalIpCidrs::parse("10.0.0.0/8,junk").is_err());
+        assert!(CidrList::parse("10.0.0.0/8,junk").is_err());
     }
 
     /// A LoadBalancer Service whose addresses and nodePort are unique to `n`.
@@ -2464,6 +2555,70 @@ mod tests {
     }
 
     #[test]
+    fn a_local_external_frontend_has_an_in_cluster_twin_with_every_endpoint() {
+        let w = web_np(|s| s.etp("Local").external_ips(&["203.0.113.40"]));
+        let elsewhere = NodeContext {
+            node_name: "node-c".into(),
+            ..node()
+        };
+        // With an endpoint here and without one: the twin is the same.
+        for ctx in [node(), elsewhere] {
+            let d = desired_state(&w.0, &ctx);
+            for ext in [
+                fe("192.168.0.10", 30080, Protocol::Tcp),
+                fe("203.0.113.40", 80, Protocol::Tcp),
+            ] {
+                let outer = &d.services[&ext];
+                assert!(outer.internal_twin, "{ext}");
+                let twin = &d.services[&ext.with_scope(Scope::Internal)];
+                assert_eq!(
+                    twin.active,
+                    vec![b("10.0.0.1", 8080), b("10.0.0.2", 8080)],
+                    "{ext}"
+                );
+                assert_eq!(twin.kind, outer.kind);
+                assert!(twin.terminating.is_empty() && twin.snat.is_empty());
+                assert!(!twin.drop_when_empty && !twin.internal_twin && !twin.maglev);
+                assert_eq!(twin.source_ranges, None);
+            }
+            let cluster_ip = fe("10.96.0.10", 80, Protocol::Tcp);
+            assert!(!d.services[&cluster_ip].internal_twin);
+            assert!(
+                !d.services
+                    .contains_key(&cluster_ip.with_scope(Scope::Internal))
+            );
+        }
+        // `Cluster`: no twin at all.
+        let d = desired_state(&web_np(|s| s.external_ips(&["203.0.113.40"])).0, &node());
+        assert!(
+            d.services
+                .iter()
+                .all(|(f, s)| f.scope == Scope::All && !s.internal_twin)
+        );
+        // A clash over a `Local` frontend is one problem, not one more for its twin.
+        let w = w.svc(
+            svc("default", "zz-other")
+                .cluster_ip("10.96.0.11")
+                .port("http", 80, "TCP", "8080")
+                .external_ips(&["203.0.113.40"])
+                .etp("Local"),
+        );
+        let d = desired_state(&w.0, &node());
+        let clashes: Vec<_> = d
+            .problems
+            .iter()
+            .filter(|p| p.to_string().contains("already claimed"))
+            .collect();
+        assert_eq!(clashes.len(), 1, "{clashes:?}");
+        assert_eq!(
+            d.services[&fe("203.0.113.40", 80, Protocol::Tcp).with_scope(Scope::Internal)]
+                .owner
+                .name,
+            "web"
+        );
+    }
+
+    #[test]
     fn internal_traffic_policy_local_and_rejects_without_any_endpoint() {
         let w = web_np(|s| s.itp("Local"));
         let d = desired_state(&w.0, &node());
@@ -2479,9 +2634,20 @@ mod tests {
         let cip = &d.services[&fe("10.96.0.10", 80, Protocol::Tcp)];
         assert!(cip.active.is_empty() && cip.drop_when_empty);
 
-        // Both policies Local and nothing local: no endpoint is reachable from this node
-        // at all, so every frontend rejects, as kube-proxy does.
+        // Both policies Local and nothing local: the in-cluster twins of the external
+        // frontends still reach every endpoint, so every frontend drops rather than
+        // rejects, as kube-proxy does (its cluster chain exists for the short-circuit).
         let w = web_np(|s| s.itp("Local").etp("Local"));
+        let d = desired_state(&w.0, &elsewhere);
+        for (f, s) in &d.services {
+            match f.scope {
+                Scope::All => assert!(s.active.is_empty() && s.drop_when_empty, "{f}"),
+                Scope::Internal => assert_eq!(s.active.len(), 2, "{f}"),
+            }
+        }
+        // Both Local on a Service nobody reaches from outside: nothing is reachable from
+        // this node at all, so its ClusterIP rejects.
+        let w = web_np(|s| s.itp("Local").etp("Local").type_("ClusterIP"));
         let d = desired_state(&w.0, &elsewhere);
         assert!(
             d.services

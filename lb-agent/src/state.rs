@@ -683,11 +683,7 @@ mod tests {
     }
 
     fn fe(ip: &str, port: u16) -> Frontend {
-        Frontend {
-            addr: ip.parse().unwrap(),
-            port,
-            proto: Protocol::Tcp,
-        }
+        Frontend::new(ip.parse().unwrap(), port, Protocol::Tcp)
     }
 
     fn owner_of(c: &DesiredCache, f: &Frontend) -> String {

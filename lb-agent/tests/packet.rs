@@ -182,11 +182,7 @@ impl Fixture {
         let mut desired = Desired::default();
         for f in frontends {
             desired.services.insert(
-                Frontend {
-                    addr: f.addr,
-                    port: f.port,
-                    proto: Protocol::Tcp,
-                },
+                Frontend::new(f.addr, f.port, Protocol::Tcp),
                 DesiredService {
                     owner: ObjectRef::new("Service", "default", "web").into(),
                     port_name: String::new(),
@@ -205,6 +201,7 @@ impl Fixture {
                     drop_when_empty: f.drop_when_empty,
                     snat: f.snat.clone(),
                     maglev: f.maglev,
+                    internal_twin: false,
                 },
             );
         }
@@ -1104,11 +1101,7 @@ fn maglev_node(node_ip: Ipv4Addr, backends: &[Ipv4Addr]) -> MaglevNode {
     let mut fx = Fixture::new();
     let mut np = NorthSouth::new(FrontendKind::NodePort, node_ip, NODE_PORT, &[]);
     let mut applier = Applier::new();
-    let fe = Frontend {
-        addr: node_ip,
-        port: NODE_PORT,
-        proto: Protocol::Tcp,
-    };
+    let fe = Frontend::new(node_ip, NODE_PORT, Protocol::Tcp);
     // One backend at a time: ids follow the order of arrival.
     np.maglev = true;
     for n in 1..=backends.len() {

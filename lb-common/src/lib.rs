@@ -30,6 +30,11 @@ pub mod map_names {
     /// [`SVC_F_MAGLEV`](super::SVC_F_MAGLEV): service id (`u32`) ->
     /// [`MaglevTable`](super::MaglevTable).
     pub const MAGLEV: &str = "LB4_MAGLEV";
+    /// The cluster's pod address ranges (`lb-agent --cluster-cidr`): LPM trie of client
+    /// prefixes (`u32` address, network byte order) -> `u32` (always 1). Clients within
+    /// them reach the [`SCOPE_INTERNAL`](super::SCOPE_INTERNAL) twin of a frontend that
+    /// has one. Not pinned: each agent writes it before its programs are attached.
+    pub const CLUSTER_CIDRS: &str = "LB4_CLUSTER_CIDRS";
 
     /// Maps pinned under the bpffs root so that they outlive the agent.
     pub const PINNED: [&str; 6] = [SERVICES, BACKENDS, CT, AFFINITY, SOURCE_RANGES, MAGLEV];
@@ -51,6 +56,8 @@ pub mod capacity {
     /// preallocated, so only the tables in use take memory; this bounds the total at
     /// 256 MiB.
     pub const MAGLEV: u32 = 4_096;
+    /// Prefixes of `--cluster-cidr`.
+    pub const CLUSTER_CIDRS: u32 = 64;
 }
 
 /// IP protocol numbers as carried in the IPv4 header.
@@ -91,7 +98,8 @@ pub struct ServiceKey {
     pub port_be: u16,
     /// IP protocol number ([`proto`]).
     pub proto: u8,
-    /// Reserved for traffic scopes; 0 today (every kind of frontend uses 0).
+    /// [`SCOPE_ALL`] for a frontend as every client sees it; [`SCOPE_INTERNAL`] for its
+    /// twin that clients inside the cluster use instead ([`SVC_F_INTERNAL_SCOPE`]).
     pub scope: u8,
     /// 0 for the frontend header, `1..=count` for backend slots.
     pub slot: u16,
@@ -106,10 +114,16 @@ impl ServiceKey {
             addr_be,
             port_be,
             proto,
-            scope: 0,
+            scope: SCOPE_ALL,
             slot,
             _pad: [0; 2],
         }
+    }
+
+    /// The same key at scope `scope`.
+    pub const fn with_scope(mut self, scope: u8) -> Self {
+        self.scope = scope;
+        self
     }
 
     /// Key of the marker entry that says `addr_be` belongs to a Service.
@@ -138,6 +152,20 @@ pub const SVC_F_EXTERNAL: u16 = 1 << 4;
 /// the same backend for the same client flow. Session affinity, when set, is looked at
 /// first. Without a usable table entry the datapath falls back to a random slot.
 pub const SVC_F_MAGLEV: u16 = 1 << 5;
+
+/// This frontend has a twin at [`SCOPE_INTERNAL`] (same address, port and protocol) that
+/// new flows from inside the cluster use: the node's own sockets, and clients within
+/// [`map_names::CLUSTER_CIDRS`]. It is how `externalTrafficPolicy: Local` treats traffic
+/// that never left the cluster, as kube-proxy does: such a client is sent to any endpoint
+/// of the Service rather than to this node's only (the twin holds the cluster-wide set).
+/// Source ranges are still checked against this header; without a twin entry the header
+/// applies to every client.
+pub const SVC_F_INTERNAL_SCOPE: u16 = 1 << 6;
+
+/// Scope of a frontend entry every client uses (the default).
+pub const SCOPE_ALL: u8 = 0;
+/// Scope of the twin entry clients inside the cluster use ([`SVC_F_INTERNAL_SCOPE`]).
+pub const SCOPE_INTERNAL: u8 = 1;
 
 /// Value of the services map.
 ///

@@ -28,6 +28,7 @@
 
 pub mod conntrack;
 pub mod csum;
+pub mod flow;
 pub mod maps;
 pub mod metrics;
 pub mod nat;

@@ -9,10 +9,11 @@ use aya_ebpf::{
 };
 use lb_common::{
     BACKEND_F_SNAT, Backend, CT_F_HAIRPIN, CtValue, DIR_EGRESS, DIR_INGRESS, DIR_XDP,
-    HAIRPIN_ADDR_BE, SNAT_MARK, SVC_F_DROP_EMPTY, reason,
+    HAIRPIN_ADDR_BE, SNAT_MARK, reason,
 };
 use lb_ebpf::{
-    conntrack::{self, backend_matches},
+    conntrack,
+    flow::{self, Flow},
     metrics::count,
     nat::{self, End},
     parse::{self, Packet, ParseError},
@@ -90,55 +91,22 @@ fn ingress(ctx: &TcContext) -> Decision {
     }
     let now = conntrack::now();
     let key = conntrack::forward_key(&pkt);
-    let mut why = reason::NEW_FLOW;
-    if let Some(ct) = conntrack::lookup(&key, now) {
-        let b = service::backend(ct.backend_id);
-        if let Some(b) = b.as_ref()
-            && backend_matches(&ct, Some(b))
-        {
-            conntrack::refresh(&key, &ct, &pkt, now);
-            mark_for_snat(ctx, b);
-            return translate(ctx, &pkt, &ct, reason::ESTABLISHED);
+    match flow::decide(&pkt, svc, &key, now) {
+        Flow::Translate {
+            ct,
+            backend,
+            why,
+            established,
+        } => {
+            if established {
+                conntrack::refresh(&key, &ct, &pkt, now);
+            }
+            mark_for_snat(ctx, &backend);
+            translate(ctx, &pkt, &ct, why)
         }
-        // The flow's backend is gone: move the flow to a live one (for UDP this is what
-        // keeps a long-running client working; for TCP the new backend resets it at once
-        // instead of leaving it hanging).
-        why = reason::RESELECTED;
+        Flow::Drop(why) => Decision::drop(why),
+        Flow::Reject(why) => reject_packet(ctx, &pkt, why),
     }
-    // Checked for new flows only: like kube-proxy's firewall in the nat table, a change of
-    // the ranges does not cut established flows.
-    if !service::source_allowed(&pkt, &svc) {
-        return Decision::drop(reason::SOURCE_RANGE_DENIED);
-    }
-    if svc.count == 0 {
-        if svc.flags & SVC_F_DROP_EMPTY != 0 {
-            return Decision::drop(reason::NO_LOCAL_BACKEND);
-        }
-        return reject_packet(ctx, &pkt, reason::NO_BACKEND);
-    }
-    let Some(sel) = service::select(&pkt, &svc, now) else {
-        return reject_packet(ctx, &pkt, reason::NO_BACKEND);
-    };
-    if sel.sticky && why == reason::NEW_FLOW {
-        why = reason::AFFINITY_HIT;
-    }
-    // The client is its own backend. A backend marked for source NAT is on another node:
-    // its client came from there too, and the node's masquerade handles it.
-    let hairpin = sel.backend.addr_be == pkt.saddr && sel.backend.flags & BACKEND_F_SNAT == 0;
-    let fwd = CtValue {
-        nat_addr_be: sel.backend.addr_be,
-        nat_port_be: sel.backend.port_be,
-        flags: if hairpin { CT_F_HAIRPIN } else { 0 },
-        backend_id: sel.id,
-        service_id: svc.service_id,
-        last_seen_ns: now,
-    };
-    if conntrack::create(&key, &fwd, &pkt).is_err() {
-        // Fail closed: a flow we cannot track would lose its replies' translation.
-        return Decision::drop(reason::CT_FULL);
-    }
-    mark_for_snat(ctx, &sel.backend);
-    translate(ctx, &pkt, &fwd, why)
 }
 
 /// Marks a packet to backend `b` for the node's source NAT if `b` is on another node.
@@ -301,53 +269,28 @@ fn xdp_ingress(ctx: &XdpContext) -> XdpDecision {
     }
     let now = conntrack::now();
     let key = conntrack::forward_key(&pkt);
-    let mut why = reason::NEW_FLOW;
-    if let Some(ct) = conntrack::lookup(&key, now) {
-        let b = service::backend(ct.backend_id);
-        if let Some(b) = b.as_ref()
-            && backend_matches(&ct, Some(b))
-        {
-            if !xdp_translates(&ct, b) {
+    match flow::decide(&pkt, svc, &key, now) {
+        // A new flow left to the TC path is created all the same, so that its packet
+        // finds its backend chosen there: choosing again would favour this node's
+        // backends. An established one is refreshed by the path that translates it.
+        Flow::Translate {
+            ct,
+            backend,
+            why,
+            established,
+        } => {
+            if !xdp_translates(&ct, &backend) {
                 return XdpDecision::pass(reason::DEFERRED);
             }
-            conntrack::refresh(&key, &ct, &pkt, now);
-            return xdp_translate(ctx, &pkt, &ct, reason::ESTABLISHED);
+            if established {
+                conntrack::refresh(&key, &ct, &pkt, now);
+            }
+            xdp_translate(ctx, &pkt, &ct, why)
         }
-        why = reason::RESELECTED;
+        Flow::Drop(why) => XdpDecision::drop(why),
+        // Rejects need a socket buffer to answer from.
+        Flow::Reject(_) => XdpDecision::pass(reason::DEFERRED),
     }
-    if !service::source_allowed(&pkt, &svc) {
-        return XdpDecision::drop(reason::SOURCE_RANGE_DENIED);
-    }
-    if svc.count == 0 {
-        if svc.flags & SVC_F_DROP_EMPTY != 0 {
-            return XdpDecision::drop(reason::NO_LOCAL_BACKEND);
-        }
-        return XdpDecision::pass(reason::DEFERRED);
-    }
-    let Some(sel) = service::select(&pkt, &svc, now) else {
-        return XdpDecision::pass(reason::DEFERRED);
-    };
-    if sel.sticky && why == reason::NEW_FLOW {
-        why = reason::AFFINITY_HIT;
-    }
-    // The same flow the TC path would create, so that a packet left to it finds its
-    // backend already chosen: choosing again there would favour this node's backends.
-    let hairpin = sel.backend.addr_be == pkt.saddr && sel.backend.flags & BACKEND_F_SNAT == 0;
-    let fwd = CtValue {
-        nat_addr_be: sel.backend.addr_be,
-        nat_port_be: sel.backend.port_be,
-        flags: if hairpin { CT_F_HAIRPIN } else { 0 },
-        backend_id: sel.id,
-        service_id: svc.service_id,
-        last_seen_ns: now,
-    };
-    if conntrack::create(&key, &fwd, &pkt).is_err() {
-        return XdpDecision::drop(reason::CT_FULL);
-    }
-    if !xdp_translates(&fwd, &sel.backend) {
-        return XdpDecision::pass(reason::DEFERRED);
-    }
-    xdp_translate(ctx, &pkt, &fwd, why)
 }
 
 /// Whether XDP translates the packets of flow `ct` to backend `b` itself: not when the

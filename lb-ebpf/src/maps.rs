@@ -40,6 +40,11 @@ pub static SOURCE_RANGES: LpmTrie<SourceRangeKey, u32> =
 #[map(name = "LB4_MAGLEV")]
 pub static MAGLEV: HashMap<u32, MaglevTable> = HashMap::pinned(capacity::MAGLEV, BPF_F_NO_PREALLOC);
 
+/// `--cluster-cidr`: client prefix -> 1. Written by the agent before it attaches the
+/// programs, not pinned (each agent brings its own with its programs).
+#[map(name = "LB4_CLUSTER_CIDRS")]
+pub static CLUSTER_CIDRS: LpmTrie<u32, u32> = LpmTrie::with_max_entries(capacity::CLUSTER_CIDRS, 0);
+
 /// Per-CPU counters by (reason, direction).
 #[map(name = "LB_METRICS")]
 pub static METRICS: PerCpuArray<u64> = PerCpuArray::with_max_entries(METRICS_LEN, 0);

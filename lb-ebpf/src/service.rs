@@ -1,14 +1,23 @@
 //! Frontend lookup, admission (source ranges) and backend selection.
 use aya_ebpf::{helpers::bpf_get_prandom_u32, maps::lpm_trie::Key};
 use lb_common::{
-    AffinityKey, AffinityValue, BACKEND_ACTIVE, Backend, MAGLEV_TABLE_SIZE, SVC_F_AFFINITY,
-    SVC_F_MAGLEV, SVC_F_SOURCE_RANGES, ServiceKey, ServiceValue, SourceRangeKey, maglev_flow_hash,
+    AffinityKey, AffinityValue, BACKEND_ACTIVE, Backend, MAGLEV_TABLE_SIZE, SCOPE_ALL,
+    SCOPE_INTERNAL, SVC_F_AFFINITY, SVC_F_INTERNAL_SCOPE, SVC_F_MAGLEV, SVC_F_SOURCE_RANGES,
+    ServiceKey, ServiceValue, SourceRangeKey, maglev_flow_hash,
 };
 
 use crate::{
-    maps::{AFFINITY, BACKENDS, MAGLEV, SERVICES, SOURCE_RANGES},
+    maps::{AFFINITY, BACKENDS, CLUSTER_CIDRS, MAGLEV, SERVICES, SOURCE_RANGES},
     parse::Packet,
 };
+
+/// The frontend entry a new flow uses: its header and the scope its slots are keyed at.
+pub struct Frontend {
+    /// The header (slot 0).
+    pub svc: ServiceValue,
+    /// `SCOPE_ALL`, or `SCOPE_INTERNAL` for the twin that clients inside the cluster use.
+    pub scope: u8,
+}
 
 /// The frontend header (slot 0) for the packet's destination, if it is a frontend.
 #[inline(always)]
@@ -23,6 +32,35 @@ pub fn lookup_frontend(pkt: &Packet) -> Option<ServiceValue> {
 pub fn is_service_addr(pkt: &Packet) -> bool {
     // SAFETY: only presence is checked.
     unsafe { SERVICES.get(ServiceKey::addr_marker(pkt.daddr)).is_some() }
+}
+
+/// Whether `addr_be` is within the cluster's pod ranges (`--cluster-cidr`).
+#[inline(always)]
+pub fn in_cluster(addr_be: u32) -> bool {
+    CLUSTER_CIDRS.get(&Key::new(32, addr_be)).is_some()
+}
+
+/// The entry a new flow of `pkt` to frontend `svc` (its `SCOPE_ALL` header) chooses its
+/// backend from: the frontend's in-cluster twin when it has one
+/// ([`SVC_F_INTERNAL_SCOPE`]) and `internal` says the client is inside the cluster
+/// (asked only then), otherwise the frontend itself. A twin that is not there (being
+/// written or removed) counts as none.
+#[inline(always)]
+pub fn for_client(pkt: &Packet, svc: ServiceValue, internal: impl FnOnce() -> bool) -> Frontend {
+    if svc.flags & SVC_F_INTERNAL_SCOPE != 0 && internal() {
+        let key = ServiceKey::new(pkt.daddr, pkt.dport, pkt.proto, 0).with_scope(SCOPE_INTERNAL);
+        // SAFETY: copied out at once.
+        if let Some(twin) = unsafe { SERVICES.get(key).copied() } {
+            return Frontend {
+                svc: twin,
+                scope: SCOPE_INTERNAL,
+            };
+        }
+    }
+    Frontend {
+        svc,
+        scope: SCOPE_ALL,
+    }
 }
 
 /// Whether a new flow of `pkt` may use frontend `svc`: always, unless the frontend lists
@@ -60,12 +98,13 @@ pub struct Selection {
     pub sticky: bool,
 }
 
-/// Picks a backend for a new flow of `pkt` to frontend `svc` (which has `count > 0`):
+/// Picks a backend for a new flow of `pkt` to frontend `fe` (which has `count > 0`):
 /// the client's remembered backend under `sessionAffinity: ClientIP` while it is fresh
 /// and still active, otherwise the frontend's Maglev choice ([`SVC_F_MAGLEV`]), otherwise
 /// a uniformly random slot.
 #[inline(always)]
-pub fn select(pkt: &Packet, svc: &ServiceValue, now: u64) -> Option<Selection> {
+pub fn select(pkt: &Packet, fe: &Frontend, now: u64) -> Option<Selection> {
+    let svc = &fe.svc;
     let affinity = svc.flags & SVC_F_AFFINITY != 0;
     let akey = AffinityKey {
         client_addr_be: pkt.saddr,
@@ -81,7 +120,7 @@ pub fn select(pkt: &Packet, svc: &ServiceValue, now: u64) -> Option<Selection> {
     };
     let sel = match maglev {
         Some(sel) => sel,
-        None => random_slot(pkt, svc)?,
+        None => random_slot(pkt, fe)?,
     };
     if affinity {
         let value = AffinityValue {
@@ -146,12 +185,12 @@ fn maglev_slot(pkt: &Packet, svc: &ServiceValue) -> Option<Selection> {
 }
 
 #[inline(always)]
-fn random_slot(pkt: &Packet, svc: &ServiceValue) -> Option<Selection> {
+fn random_slot(pkt: &Packet, fe: &Frontend) -> Option<Selection> {
     // SAFETY: helper without arguments.
     let r = unsafe { bpf_get_prandom_u32() };
-    let count = u32::from(svc.count);
+    let count = u32::from(fe.svc.count);
     let slot = (1 + r % count) as u16;
-    let mut key = ServiceKey::new(pkt.daddr, pkt.dport, pkt.proto, slot);
+    let mut key = ServiceKey::new(pkt.daddr, pkt.dport, pkt.proto, slot).with_scope(fe.scope);
     // SAFETY: copied out at once.
     let id = match unsafe { SERVICES.get(key) } {
         Some(v) => v.backend_id,

@@ -11,7 +11,8 @@
 //!   same lookup and the same choice as `lb_tc_ingress` ([`service::lookup_frontend`],
 //!   [`service::select`]: random slot, `ClientIP` affinity, terminating backends left
 //!   out, `count == 0` refused; Maglev frontends get a random slot too, as the source
-//!   port is not chosen yet);
+//!   port is not chosen yet; the node counts as inside the cluster, so a `Local` external
+//!   frontend's in-cluster twin applies, [`service::for_client`]);
 //! - `sendmsg4` does the same for each datagram of an unconnected UDP socket, keeping one
 //!   socket's datagrams to one frontend on one backend (a forward entry), as a conntrack
 //!   flow would;
@@ -38,7 +39,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     CT_REFRESH_NS, CT_TIMEOUT_UDP_NS, DIR_SOCKET, SOCK_DIR_FORWARD, SOCK_DIR_REVERSE, SVC_F_MAGLEV,
-    ServiceValue, SockNatKey, SockNatValue, proto, reason, sock,
+    SockNatKey, SockNatValue, proto, reason, sock,
 };
 
 use crate::{
@@ -230,19 +231,18 @@ fn forward(ctx: &SockAddrContext, per_datagram: bool) -> Outcome {
         rewrite(ctx, to.addr_be, to.port_be);
         return Outcome::Translated(reason::ESTABLISHED);
     }
-    if svc.count == 0 {
-        // No ready backend, or (traffic policy `Local`) none on this node: where the TC
-        // path rejects or drops, a local caller is told at once rather than left to time
-        // out.
+    // The node is inside the cluster: a `Local` external frontend sends it to any
+    // endpoint, as kube-proxy does for traffic from the node itself.
+    let mut fe = service::for_client(&req, svc, || true);
+    if fe.svc.count == 0 {
+        // No ready backend: where the TC path rejects, a local caller is told at once
+        // rather than left to time out.
         return Outcome::Refuse(reason::NO_BACKEND);
     }
     // The source port is not chosen yet and the client address is a placeholder, so a
     // Maglev choice would send every local socket to one backend: random slots instead.
-    let svc = ServiceValue {
-        flags: svc.flags & !SVC_F_MAGLEV,
-        ..svc
-    };
-    let Some(sel) = service::select(&req, &svc, now) else {
+    fe.svc.flags &= !SVC_F_MAGLEV;
+    let Some(sel) = service::select(&req, &fe, now) else {
         return Outcome::Refuse(reason::NO_BACKEND);
     };
     let entry = SockNatValue {
@@ -250,7 +250,7 @@ fn forward(ctx: &SockAddrContext, per_datagram: bool) -> Outcome {
         port_be: req.dport,
         _pad: [0; 2],
         backend_id: sel.id,
-        service_id: svc.service_id,
+        service_id: fe.svc.service_id,
         last_seen_ns: now,
     };
     let stored = SOCK_NAT

@@ -99,7 +99,8 @@ impl Agent {
         Self::start_full(node, manifests, &[], args)
     }
 
-    fn start_full(
+    /// [`Agent::start_under`] with more command-line flags, as [`Agent::start_with_args`].
+    pub fn start_full(
         node: &NetNs,
         manifests: &[(&str, &str)],
         wrapper: &[&str],

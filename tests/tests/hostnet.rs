@@ -28,8 +28,11 @@ use tests::{
 
 const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const EMPTY_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
+const LOCAL_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 30);
 const TCP_NODE_PORT: u16 = 30080;
 const UDP_NODE_PORT: u16 = 30053;
+const LOCAL_TCP_NODE_PORT: u16 = 30081;
+const LOCAL_UDP_NODE_PORT: u16 = 30054;
 /// A refusal comes back from the connect call itself; this bound only says "at once" in
 /// a way a busy 2-CPU machine still meets (a packet lost instead would take the client's
 /// full timeout, `CLIENT_TIMEOUT_MS`).
@@ -229,11 +232,28 @@ fn manifests(pods: &[Ipv4Addr]) -> Vec<(String, String)> {
         s + "ports:\n- name: http\n  port: 8080\n  protocol: TCP\n- name: dns\n  port: 5353\n  \
              protocol: UDP\n"
     };
+    // `web` again with `externalTrafficPolicy: Local` on other nodePorts. Its endpoints
+    // name no node, so none of them is this node's.
+    let local = service("local", LOCAL_IP, true)
+        .replace(
+            "  type: NodePort\n",
+            "  type: NodePort\n  externalTrafficPolicy: Local\n",
+        )
+        .replace(
+            &format!("nodePort: {TCP_NODE_PORT}"),
+            &format!("nodePort: {LOCAL_TCP_NODE_PORT}"),
+        )
+        .replace(
+            &format!("nodePort: {UDP_NODE_PORT}"),
+            &format!("nodePort: {LOCAL_UDP_NODE_PORT}"),
+        );
     vec![
         ("web.yaml".into(), service("web", CLUSTER_IP, true)),
         ("web-slice.yaml".into(), slice("web", pods)),
         ("empty.yaml".into(), service("empty", EMPTY_IP, false)),
         ("empty-slice.yaml".into(), slice("empty", &[])),
+        ("local.yaml".into(), local),
+        ("local-slice.yaml".into(), slice("local", pods)),
     ]
 }
 
@@ -358,6 +378,42 @@ fn host_reaches_node_ports_on_its_own_address_but_not_on_localhost_by_default() 
     );
     assert!(!run.ok, "127.0.0.1:{TCP_NODE_PORT} answered: {run:?}");
     assert!(run.stderr.contains("refused"), "{run:?}");
+}
+
+#[test]
+fn host_reaches_a_local_policy_node_port_without_local_endpoints_through_any_endpoint() {
+    let Some(env) = env(&[]) else { return };
+    let node = env.node_addr();
+    // The node is inside the cluster: kube-proxy sends its own traffic to any endpoint of
+    // a `Local` Service, and so do the hooks, through the frontend's in-cluster twin.
+    let tcp = addr(node, LOCAL_TCP_NODE_PORT);
+    let lines = env.ok(true, &["tcp", &tcp, "--count", "20", "--peer"]);
+    assert_eq!(lines.len(), 20, "{lines:?}");
+    let mut pods = BTreeSet::new();
+    for line in &lines {
+        pods.insert(env.answered_by_pod_to_node(line));
+        assert_eq!(line.get(2), Some(&format!("peer={tcp}")), "{line:?}");
+    }
+    assert!(pods.len() > 1, "one pod only: {pods:?}");
+    let udp = addr(node, LOCAL_UDP_NODE_PORT);
+    for line in env.ok(true, &["udp-sendto", &udp, "--count", "3"]) {
+        env.answered_by_pod_to_node(&line);
+        assert_eq!(line.get(2), Some(&format!("from={udp}")), "{line:?}");
+    }
+    // A client outside the cluster still finds no endpoint on this node: dropped, so
+    // that its load balancer sends it to a node that has one.
+    let client = &env.topo.clients[0];
+    let answer = client.ns.run(move || {
+        tests::clients::tcp_hello(
+            std::net::SocketAddr::from((node, LOCAL_TCP_NODE_PORT)),
+            Duration::from_millis(800),
+        )
+    });
+    assert!(
+        matches!(&answer, Err(e) if matches!(e.kind(), std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock)),
+        "an external client got {answer:?}"
+    );
+    assert!(datapath_packets(&env.topo.node, "no_local_backend", "ingress") >= 1);
 }
 
 #[test]

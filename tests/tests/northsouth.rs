@@ -551,6 +551,85 @@ fn nodeport_reaches_pods_on_the_other_node_through_source_nat() {
     assert_path(&node1.ns, "deferred");
 }
 
+/// The pods of [`Cluster`]: node 1's within 10.211.0.0/16, node 2's within 10.212.0.0/16
+/// (the clients are in 10.210.0.0/16).
+const CLUSTER_CIDR: &str = "10.211.0.0/16,10.212.0.0/16";
+
+#[test]
+fn pods_reach_a_local_policy_service_through_any_endpoint_with_the_cluster_cidr() {
+    // The Service's only endpoint is on node 2.
+    let Some(two) = two_nodes_with_args(1, &["--cluster-cidr", CLUSTER_CIDR], |ips, nodes| {
+        vec![
+            (
+                "web.yaml".to_owned(),
+                service(
+                    "web",
+                    CLUSTER_IP,
+                    "LoadBalancer",
+                    &format!(
+                        "  externalTrafficPolicy: Local\n  externalIPs: [\"{EXTERNAL_IP}\"]\n"
+                    ),
+                    &format!("  loadBalancer:\n    ingress:\n    - ip: {LB_IP}\n"),
+                ),
+            ),
+            (
+                "web-slice.yaml".to_owned(),
+                slice("web", &ips[1..], &nodes[1..]),
+            ),
+        ]
+    }) else {
+        return;
+    };
+    let cluster = &two.cluster;
+    let node1 = &cluster.nodes[0];
+    let pod = &node1.pods[0];
+    // A pod of node 1, which has no endpoint, reaches the Service on each external
+    // frontend, as kube-proxy's short-circuit for the cluster CIDR does: the pod on node
+    // 2 answers and sees the pod's own address.
+    for (addr, tcp_port, udp_port) in [
+        (LB_IP, 80, 53),
+        (EXTERNAL_IP, 80, 53),
+        (node1.ip, TCP_NODE_PORT, UDP_NODE_PORT),
+    ] {
+        let g = pod
+            .ns
+            .run(move || tcp_hello(SocketAddr::from((addr, tcp_port)), TIMEOUT))
+            .unwrap_or_else(|e| panic!("TCP to {addr}:{tcp_port}: {e}"));
+        assert_eq!(g.pod, "node-2-pod-1");
+        assert_saw_ip(&g, pod.ip);
+        let g = pod
+            .ns
+            .run(move || {
+                let socket = udp_connect(SocketAddr::from((addr, udp_port)), TIMEOUT)?;
+                udp_ask(&socket)
+            })
+            .unwrap_or_else(|e| panic!("UDP to {addr}:{udp_port}: {e}"));
+        assert_eq!(g.pod, "node-2-pod-1");
+        assert_saw_ip(&g, pod.ip);
+    }
+    // A client outside the cluster keeps the policy: dropped at node 1, which has no
+    // endpoint, and served by node 2 with its own address kept.
+    let client = &cluster.client;
+    let addr = node1.ip;
+    match client
+        .ns
+        .run(move || tcp_hello(SocketAddr::from((addr, TCP_NODE_PORT)), DROP_BOUND))
+    {
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock
+            ) => {}
+        other => panic!("the external client at node 1 should be dropped, got {other:?}"),
+    }
+    let addr = cluster.nodes[1].ip;
+    let g = client
+        .ns
+        .run(move || tcp_hello(SocketAddr::from((addr, TCP_NODE_PORT)), TIMEOUT))
+        .unwrap_or_else(|e| panic!("TCP to {addr}:{TCP_NODE_PORT}: {e}"));
+    assert_saw_ip(&g, client.ip);
+}
+
 /// The address the datapath gives hairpin flows as their source.
 const HAIRPIN_IP: Ipv4Addr = Ipv4Addr::new(
     lb_common::HAIRPIN_ADDR[0],
@@ -603,6 +682,15 @@ fn two_nodes(
     pods_per_node: usize,
     files: impl FnOnce(&[Ipv4Addr], &[&str]) -> Vec<(String, String)>,
 ) -> Option<TwoNodes> {
+    two_nodes_with_args(pods_per_node, &[], files)
+}
+
+/// [`two_nodes`] with more flags (`args`) for both agents.
+fn two_nodes_with_args(
+    pods_per_node: usize,
+    args: &[&str],
+    files: impl FnOnce(&[Ipv4Addr], &[&str]) -> Vec<(String, String)>,
+) -> Option<TwoNodes> {
     require_root();
     if let Some(why) = missing_kernel_feature() {
         eprintln!("skipped: {why}");
@@ -631,7 +719,7 @@ fn two_nodes(
         .map(|node| {
             let wrapper = node.agent_wrapper();
             let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
-            Agent::start_under(&node.ns, &refs, &wrapper)
+            Agent::start_full(&node.ns, &refs, &wrapper, args)
         })
         .collect();
     Some(TwoNodes {

@@ -796,7 +796,7 @@ fn datapath_cost_section(plan: &Plan, md: &mut String) -> Result<()> {
 fn datapath_cost_reading(rows: &[DatapathRow], md: &mut String) -> Result<()> {
     writeln!(
         md,
-        "\nWhat each case runs (lb-ebpf/src/main.rs): all four parse Ethernet, IPv4 and TCP and count the decision in a per-CPU array. \
+        "\nWhat each case runs (lb-ebpf/src/main.rs and flow.rs): all four parse Ethernet, IPv4 and TCP and count the decision in a per-CPU array. \
          *not a Service*: two `LB4_SERVICES` hash lookups that miss (the frontend, then the address marker that tells a Service IP on a closed port from other traffic). \
          *established*: the frontend lookup, `bpf_ktime_get_ns`, an `LB4_CT` LRU-hash lookup and an `LB4_BACKENDS` lookup to check the flow's backend, \
          then DNAT: three checksum helpers (`l4_csum_replace` for address and port, `l3_csum_replace`) and two `bpf_skb_store_bytes`; \
