@@ -18,6 +18,7 @@ use lb_agent::{
     maps::ServiceMaps,
     model::{
         BackendAddr, Cidr, Desired, DesiredService, Frontend, FrontendKind, ObjectRef, Protocol,
+        Scope,
     },
 };
 use lb_common::{
@@ -73,6 +74,8 @@ struct NorthSouth {
     drop_when_empty: bool,
     snat: Vec<BackendAddr>,
     maglev: bool,
+    /// The backends of an in-cluster twin (`externalTrafficPolicy: Local`), if any.
+    twin: Option<Vec<Ipv4Addr>>,
 }
 
 impl NorthSouth {
@@ -86,6 +89,7 @@ impl NorthSouth {
             drop_when_empty: false,
             snat: Vec::new(),
             maglev: false,
+            twin: None,
         }
     }
 }
@@ -180,20 +184,41 @@ impl Fixture {
     /// [`Fixture::north_south`] through `applier`, which knows what it programmed before.
     fn north_south_with(&mut self, mut applier: Applier, frontends: &[NorthSouth]) -> Applier {
         let mut desired = Desired::default();
+        let backends = |addrs: &[Ipv4Addr]| {
+            addrs
+                .iter()
+                .map(|addr| BackendAddr {
+                    addr: *addr,
+                    port: BACKEND_PORT,
+                })
+                .collect::<Vec<_>>()
+        };
         for f in frontends {
+            let fe = Frontend::new(f.addr, f.port, Protocol::Tcp);
+            if let Some(twin) = &f.twin {
+                desired.services.insert(
+                    fe.with_scope(Scope::Internal),
+                    DesiredService {
+                        owner: ObjectRef::new("Service", "default", "web").into(),
+                        port_name: String::new(),
+                        active: backends(twin),
+                        terminating: Vec::new(),
+                        affinity_timeout_s: None,
+                        kind: f.kind,
+                        source_ranges: None,
+                        drop_when_empty: false,
+                        snat: Vec::new(),
+                        maglev: false,
+                        internal_twin: false,
+                    },
+                );
+            }
             desired.services.insert(
-                Frontend::new(f.addr, f.port, Protocol::Tcp),
+                fe,
                 DesiredService {
                     owner: ObjectRef::new("Service", "default", "web").into(),
                     port_name: String::new(),
-                    active: f
-                        .backends
-                        .iter()
-                        .map(|addr| BackendAddr {
-                            addr: *addr,
-                            port: BACKEND_PORT,
-                        })
-                        .collect(),
+                    active: backends(&f.backends),
                     terminating: Vec::new(),
                     affinity_timeout_s: None,
                     kind: f.kind,
@@ -201,7 +226,7 @@ impl Fixture {
                     drop_when_empty: f.drop_when_empty,
                     snat: f.snat.clone(),
                     maglev: f.maglev,
-                    internal_twin: false,
+                    internal_twin: f.twin.is_some(),
                 },
             );
         }
@@ -1402,4 +1427,79 @@ fn xdp_leaves_flows_to_other_nodes_to_tc_with_the_backend_already_chosen() {
     }
     // One choice per flow, whichever program carries it out: no lean to this node.
     assert!(chosen.iter().all(|n| *n > 60), "skewed: {chosen:?}");
+}
+
+/// Pods' addresses in [`local_policy_with_twin`]'s cluster: `CLIENT_IP` is a pod,
+/// `FAR_CLIENT_IP` is not.
+const POD_CIDR: Cidr = Cidr {
+    addr: Ipv4Addr::new(10, 1, 0, 0),
+    len: 16,
+};
+
+/// A LoadBalancer IP with `externalTrafficPolicy: Local` and no endpoint on this node,
+/// whose in-cluster twin holds two backends elsewhere; `--cluster-cidr` given when
+/// `cluster_cidr`.
+fn local_policy_with_twin(cluster_cidr: bool) -> Fixture {
+    let mut fx = Fixture::new();
+    if cluster_cidr {
+        fx.dp.set_cluster_cidrs(&[POD_CIDR]).expect("cluster CIDRs");
+    }
+    let mut lb = NorthSouth::new(FrontendKind::LoadBalancer, LB_IP, FRONTEND_PORT, &[]);
+    lb.drop_when_empty = true;
+    lb.twin = Some(vec![BACKEND_IP, BACKEND2_IP]);
+    fx.north_south(&[lb]);
+    fx
+}
+
+#[test]
+fn pods_use_a_local_frontends_in_cluster_twin_at_tc_and_xdp_and_outside_clients_do_not() {
+    let syn = |client: Ipv4Addr, port: u16| {
+        frame(proto::TCP, (client, port), (LB_IP, FRONTEND_PORT), 0x02)
+    };
+    let mut fx = local_policy_with_twin(true);
+    // A client outside the cluster: the frontend's own (empty) entry, dropped on both paths.
+    assert_eq!(
+        fx.run(INGRESS_PROG, &syn(FAR_CLIENT_IP, CLIENT_PORT)).0,
+        DROP
+    );
+    assert_eq!(fx.run_xdp(&syn(FAR_CLIENT_IP, CLIENT_PORT + 1)).0, XDP_DROP);
+    assert_eq!(fx.counter_in("no_local_backend", "ingress"), 1);
+    assert_eq!(fx.counter_in("no_local_backend", "xdp"), 1);
+    // A pod: the twin's backends, with its own address kept, on both paths.
+    let mut seen = std::collections::BTreeSet::new();
+    for i in 0..24 {
+        let (verdict, out) = fx.run(INGRESS_PROG, &syn(CLIENT_IP, CLIENT_PORT + 100 + i));
+        assert_eq!(verdict, OK);
+        let s = check(&out, proto::TCP);
+        assert_eq!(s.src, (CLIENT_IP, CLIENT_PORT + 100 + i));
+        seen.insert(s.dst);
+        let (action, out) = fx.run_xdp(&syn(CLIENT_IP, CLIENT_PORT + 200 + i));
+        assert_eq!(action, XDP_PASS);
+        let s = check(&out, proto::TCP);
+        assert_eq!(s.src, (CLIENT_IP, CLIENT_PORT + 200 + i));
+        seen.insert(s.dst);
+    }
+    assert_eq!(
+        seen,
+        std::collections::BTreeSet::from([(BACKEND_IP, BACKEND_PORT), (BACKEND2_IP, BACKEND_PORT)])
+    );
+    assert_eq!(fx.counter_in("new_flow", "xdp"), 24);
+    // The flow stays on its backend once established.
+    let (_, first) = fx.run(INGRESS_PROG, &syn(CLIENT_IP, CLIENT_PORT + 100));
+    let ack = frame(
+        proto::TCP,
+        (CLIENT_IP, CLIENT_PORT + 100),
+        (LB_IP, FRONTEND_PORT),
+        0x10,
+    );
+    let (verdict, out) = fx.run(INGRESS_PROG, &ack);
+    assert_eq!(verdict, OK);
+    assert_eq!(check(&out, proto::TCP).dst, check(&first, proto::TCP).dst);
+    assert!(fx.counter_in("established", "ingress") >= 1);
+
+    // Without --cluster-cidr a pod is one more outside client.
+    let mut fx = local_policy_with_twin(false);
+    assert_eq!(fx.run(INGRESS_PROG, &syn(CLIENT_IP, CLIENT_PORT)).0, DROP);
+    assert_eq!(fx.run_xdp(&syn(CLIENT_IP, CLIENT_PORT + 1)).0, XDP_DROP);
+    assert_eq!(fx.counter("no_local_backend"), 2);
 }
