@@ -3,8 +3,10 @@
 //! these modules.
 //!
 //! Flow of a packet through `lb_tc_ingress` (traffic entering a device):
-//! [`parse`] the headers -> [`service`] frontend lookup -> [`conntrack`] lookup or backend
-//! selection -> [`nat`] DNAT to the backend. A frontend is a ClusterIP, a node address with a
+//! [`parse`] the headers -> [`service`] frontend lookup -> [`flow::decide`]: [`conntrack`]
+//! lookup, or admission and backend selection for a new flow -> [`nat`] DNAT to the
+//! backend. `lb_xdp` takes the same decision and carries out what it can without a socket
+//! buffer. A frontend is a ClusterIP, a node address with a
 //! nodePort, an externalIP or a LoadBalancer IP, all found with the same one lookup.
 //! Frontends with no ready backend, or a ClusterIP port the Service does not define, get
 //! an ICMP port unreachable from [`reject`]; new flows from outside a LoadBalancer IP's
