@@ -1034,6 +1034,7 @@ fn datapath_section(plan: &Plan, out: &Outputs, md: &mut String) -> Result<()> {
             l(Variant::LbXdp)
         )?;
     }
+    tools_section(&report, &net.sizes, md)?;
     match bench_plot::datapath(&out.datapath_png, &report, &net.sizes, 1) {
         Ok(()) => writeln!(
             md,
@@ -1043,6 +1044,80 @@ fn datapath_section(plan: &Plan, out: &Outputs, md: &mut String) -> Result<()> {
                 .map_or_else(String::new, |f| f.to_string_lossy().into_owned())
         )?,
         Err(e) => println!("datapath plot not drawn: {e:#}"),
+    }
+    Ok(())
+}
+
+/// The cross-check of the datapath table with standard tools, a table per size.
+fn tools_section(report: &bench_net::NetReport, sizes: &[usize], md: &mut String) -> Result<()> {
+    let Some(tools) = &report.tools else {
+        return Ok(());
+    };
+    let versions: Vec<String> = tools
+        .versions
+        .iter()
+        .map(|(tool, v)| format!("{tool} (`{v}`)"))
+        .collect();
+    writeln!(md, "\n### Cross-check with standard tools\n")?;
+    writeln!(
+        md,
+        "The same variants measured by {}, one client, after each variant's own tests in every round \
+         (cells: median over rounds ± half the range). Their ports are on the measured Service with the \
+         first pod as their only endpoint (iperf3's and netperf's control and data connections must reach \
+         the same server); direct addresses that pod. Units as above: MB/s (10^6 bytes) for TCP_STREAM, \
+         transactions/s for TCP_RR and UDP_RR, connections/s for TCP_CRR.\n",
+        versions.join(" and ")
+    )?;
+    if tools.is_netperf() {
+        writeln!(
+            md,
+            "netperf and netserver were on PATH: netperf, the reference tool, ran every test \
+             (`netperf -t TEST -l SECONDS -H ADDR -- -P ,PORT -o THROUGHPUT`).\n"
+        )?;
+    } else {
+        writeln!(
+            md,
+            "netperf, the reference tool, was not on PATH (Debian 12 does not package it): iperf3 \
+             ran TCP_STREAM (`iperf3 -c ADDR -t SECONDS -J`, `end.sum_received.bits_per_second`) and \
+             sockperf TCP_RR and UDP_RR (`sockperf ping-pong [--tcp] -t SECONDS`: round trips per second \
+             are the messages received over its measured window; sockperf spends the first 400 ms of \
+             the SECONDS warming up and leaves the last ~50 ms out, so a 2 s run measures about 1.55 s). \
+             Nothing here runs TCP_CRR.\n"
+        )?;
+    }
+    for &n in sizes {
+        let measured: Vec<Test> = Test::ALL
+            .into_iter()
+            .filter(|&t| report.tool_samples.keys().any(|k| k.0 == n && k.1 == t))
+            .collect();
+        if measured.is_empty() {
+            continue;
+        }
+        writeln!(md, "{n} other Services:\n")?;
+        writeln!(
+            md,
+            "| test | tool | {} | lb / direct | lb / iptables |\n|---|---|{}---:|---:|",
+            Variant::ALL.map(Variant::name).join(" | "),
+            "---:|".repeat(Variant::ALL.len())
+        )?;
+        for test in measured {
+            let get = |v: Variant| report.tool_samples.get(&(n, test, v));
+            let m = |v: Variant| get(v).and_then(|s| med(s));
+            let cells: Vec<String> = Variant::ALL
+                .iter()
+                .map(|&v| get(v).map_or("–".into(), |s| cell(s)))
+                .collect();
+            writeln!(
+                md,
+                "| {} | {} | {} | {} | {} |",
+                test.name(),
+                tools.describe(test),
+                cells.join(" | "),
+                ratio(m(Variant::Lb), m(Variant::Direct)),
+                ratio(m(Variant::Lb), m(Variant::Iptables)),
+            )?;
+        }
+        writeln!(md)?;
     }
     Ok(())
 }

@@ -28,6 +28,10 @@
 //! that variant out at that size); each round then runs every variant (in a rotated
 //! order) and each test once; the report takes the median over rounds and keeps the
 //! spread.
+//!
+//! With `NetPlan::tools`, each variant's turn in a round ends with the same Service
+//! measured by standard tools (netperf, or iperf3 and sockperf: [`crate::bench_tools`]),
+//! whose servers run in the first pod.
 use std::{
     collections::BTreeMap,
     fmt,
@@ -62,6 +66,7 @@ use ::tests::{
 use crate::{
     bench::{ENDPOINTS, PinDir, cluster_ip, compact, objects, pod_ip, sizes_for},
     bench_rules::{self, ServicePort},
+    bench_tools::{self, Tools},
 };
 
 /// The measured Service's ClusterIP.
@@ -95,6 +100,9 @@ pub struct NetPlan {
     pub clients: Vec<usize>,
     /// Longest a variant may take to program; past it, it is not measured at that size.
     pub load_limit: Duration,
+    /// Tests cross-checked with standard tools ([`crate::bench_tools`]) after each
+    /// variant's own tests, those the tools found measure.
+    pub tools: Vec<Test>,
 }
 
 impl NetPlan {
@@ -106,6 +114,7 @@ impl NetPlan {
             rounds: 1,
             clients: vec![1],
             load_limit: Duration::from_secs(60),
+            tools: QUICK_TOOLS.to_vec(),
         }
     }
 
@@ -126,9 +135,13 @@ impl NetPlan {
             rounds: 3,
             clients: vec![1, 4],
             load_limit: Duration::from_secs(240),
+            tools: vec![Test::TcpStream, Test::TcpRr, Test::UdpRr, Test::TcpCrr],
         }
     }
 }
+
+/// The standard tools' tests in the test suite's run: iperf3's second per variant.
+const QUICK_TOOLS: [Test; 1] = [Test::TcpStream];
 
 /// How the client reaches the Service.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -257,6 +270,10 @@ pub struct NetReport {
     pub xdp_counters: BTreeMap<usize, Vec<(&'static str, u64)>>,
     /// How the XDP program was attached (`native` or `generic`), once it was.
     pub xdp_mode: Option<String>,
+    /// The standard tools that cross-checked, if the plan asked for them.
+    pub tools: Option<Tools>,
+    /// (size, test, variant) -> the standard tool's figure, one per round.
+    pub tool_samples: BTreeMap<(usize, Test, Variant), Vec<f64>>,
 }
 
 /// Runs the plan. Fails only if a variant does not carry traffic at all.
@@ -276,10 +293,15 @@ pub fn run(plan: &NetPlan) -> Result<NetReport> {
         "{} is missing: build it with `cargo build --release -p tests --bins`",
         lbt_client.display()
     );
+    let tools = if plan.tools.is_empty() {
+        None
+    } else {
+        Some(Tools::find()?)
+    };
     crate::interrupt::catch();
     // Fixture helpers panic on failure; turn that into an error after the guards ran.
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        run_in_topology(plan, &lbt_client)
+        run_in_topology(plan, &lbt_client, tools)
     }))
     .unwrap_or_else(|e| {
         let what = e
@@ -296,12 +318,14 @@ pub fn run(plan: &NetPlan) -> Result<NetReport> {
 /// hooks, conntrack entries, TIME_WAIT sockets) touches another.
 struct Net {
     // Fields drop in order: servers before the namespaces they live in.
+    tool_servers: Option<bench_tools::Servers>,
     servers: Vec<PodServers>,
     topo: Topology,
 }
 
 impl Net {
-    fn up(variant: Variant, lbt_client: &Path) -> Result<Self> {
+    /// With `tools`, their servers run in the first pod (the tools' ports' one endpoint).
+    fn up(variant: Variant, lbt_client: &Path, tools: Option<&Tools>) -> Result<Self> {
         // Fixed addresses (block 0) in every network, so that the rules generated once per
         // size name the pods of each; the namespaces keep the networks apart.
         let prefix = format!("lbbench-{}-{}", std::process::id(), variant.slug());
@@ -324,6 +348,7 @@ impl Net {
                 .context("turning transmit checksum offload off on the client's eth0")?;
         }
         let mut net = Self {
+            tool_servers: None,
             servers: Vec::new(),
             topo,
         };
@@ -332,6 +357,9 @@ impl Net {
                 .push(PodServers::start(&pod.ns, &format!("pod-{}", k + 1))?);
         }
         wait_for_servers(net.client(), &net.topo.pod_ips(), lbt_client)?;
+        if let Some(tools) = tools {
+            net.tool_servers = Some(bench_tools::Servers::start(tools, &net.topo.pods[0].ns)?);
+        }
         Ok(net)
     }
 
@@ -348,9 +376,15 @@ impl Net {
     }
 }
 
-fn run_in_topology(plan: &NetPlan, lbt_client: &Path) -> Result<NetReport> {
+fn run_in_topology(plan: &NetPlan, lbt_client: &Path, tools: Option<Tools>) -> Result<NetReport> {
     println!("datapath: client -> node -> 2 pods in network namespaces, one network per variant");
-    let pods = Net::up(Variant::Direct, lbt_client)?.topo.pod_ips();
+    let pods = Net::up(Variant::Direct, lbt_client, None)?.topo.pod_ips();
+    let tool_tests: Vec<Test> = plan
+        .tools
+        .iter()
+        .copied()
+        .filter(|&t| tools.as_ref().is_some_and(|tools| tools.measures(t)))
+        .collect();
     let mut report = NetReport::default();
     let began = Instant::now();
     for &n in &plan.sizes {
@@ -371,7 +405,7 @@ fn run_in_topology(plan: &NetPlan, lbt_client: &Path) -> Result<NetReport> {
                 variant.name(),
                 began.elapsed().as_secs_f64()
             );
-            let net = Net::up(variant, lbt_client)?;
+            let net = Net::up(variant, lbt_client, tools.as_ref())?;
             ensure!(net.topo.pod_ips() == pods, "the pods' addresses differ");
             let started = Instant::now();
             match activate(
@@ -476,6 +510,26 @@ fn run_in_topology(plan: &NetPlan, lbt_client: &Path) -> Result<NetReport> {
                             .push(v);
                     }
                 }
+                if let Some(tools) = &tools {
+                    for &test in &tool_tests {
+                        crate::interrupt::check("the benchmark's namespaces were removed")?;
+                        let v = tools
+                            .run(net.client(), target(variant, &pods, 0), test, plan.seconds)
+                            .with_context(|| {
+                                format!(
+                                    "{} through {} ({n} other Services, {})",
+                                    test.name(),
+                                    variant.name(),
+                                    tools.describe(test)
+                                )
+                            })?;
+                        report
+                            .tool_samples
+                            .entry((n, test, variant))
+                            .or_default()
+                            .push(v);
+                    }
+                }
                 if let Active::Lb { guard } = active
                     && variant == Variant::LbXdp
                 {
@@ -500,6 +554,7 @@ fn run_in_topology(plan: &NetPlan, lbt_client: &Path) -> Result<NetReport> {
             drop(net);
         }
     }
+    report.tools = tools;
     Ok(report)
 }
 
@@ -702,26 +757,30 @@ impl Drop for Payloads {
     }
 }
 
-/// The measured Service's ports for kube-proxy's rules.
+/// The measured Service's ports for kube-proxy's rules; the standard tools' ports have
+/// the first pod alone as their endpoint (see [`crate::bench_tools`]).
 fn target_ports(pods: &[Ipv4Addr]) -> Vec<ServicePort> {
-    [
+    let both = [
         ("rr", "tcp", ECHO_PORT),
         ("rr-udp", "udp", ECHO_PORT),
         ("stream", "tcp", SINK_PORT),
         ("crr", "tcp", CRR_PORT),
         ("flood", "udp", FLOOD_PORT),
     ]
-    .into_iter()
-    .map(|(name, proto, port)| ServicePort {
-        service: "bench/target".into(),
-        port_name: name.into(),
-        proto,
-        cluster_ip: TARGET_VIP,
-        port,
-        target_port: port,
-        endpoints: pods.to_vec(),
-    })
-    .collect()
+    .map(|p| (p, pods));
+    let first = bench_tools::PORTS.map(|p| (p, &pods[..1]));
+    both.into_iter()
+        .chain(first)
+        .map(|((name, proto, port), endpoints)| ServicePort {
+            service: "bench/target".into(),
+            port_name: name.into(),
+            proto,
+            cluster_ip: TARGET_VIP,
+            port,
+            target_port: port,
+            endpoints: endpoints.to_vec(),
+        })
+        .collect()
 }
 
 /// The other Services of the control-plane benchmark as kube-proxy sees them.
@@ -912,11 +971,13 @@ impl LbGuard {
             let _pins = PinDir(root.clone());
             let loaded = (|| -> Result<(Datapath, Metrics)> {
                 let mut objs = objects(n)?;
-                let (svc, slice) = target_objects(&pods)?;
+                let (svc, slice, tools_slice) = target_objects(&pods)?;
                 objs.services
                     .insert(("bench".into(), "target".into()), Arc::new(svc.into()));
                 objs.endpoint_slices
                     .insert(("bench".into(), "target-1".into()), compact(slice));
+                objs.endpoint_slices
+                    .insert(("bench".into(), "target-2".into()), compact(tools_slice));
                 datapath::prepare(&root)?;
                 let mut dp = Datapath::load_sized(&root, None, &sizes_for(n + 1))?;
                 if xdp {
@@ -1007,15 +1068,29 @@ impl Drop for LbGuard {
 }
 
 /// The measured Service and its EndpointSlice, as the agent reads them.
-fn target_objects(pods: &[Ipv4Addr]) -> Result<(Service, EndpointSlice)> {
+fn target_objects(pods: &[Ipv4Addr]) -> Result<(Service, EndpointSlice, EndpointSlice)> {
+    // The standard tools' ports, as the Service's and as its second slice's.
+    let (tool_ports, tool_slice_ports): (Vec<_>, Vec<_>) = bench_tools::PORTS
+        .iter()
+        .map(|&(name, proto, port)| {
+            let proto = proto.to_uppercase();
+            (
+                json!({"name": name, "port": port, "protocol": proto, "targetPort": port}),
+                json!({"name": name, "port": port, "protocol": proto}),
+            )
+        })
+        .unzip();
+    let mut ports = vec![
+        json!({"name": "rr", "port": ECHO_PORT, "protocol": "TCP", "targetPort": ECHO_PORT}),
+        json!({"name": "rr-udp", "port": ECHO_PORT, "protocol": "UDP", "targetPort": ECHO_PORT}),
+        json!({"name": "stream", "port": SINK_PORT, "protocol": "TCP", "targetPort": SINK_PORT}),
+        json!({"name": "crr", "port": CRR_PORT, "protocol": "TCP", "targetPort": CRR_PORT}),
+        json!({"name": "flood", "port": FLOOD_PORT, "protocol": "UDP", "targetPort": FLOOD_PORT}),
+    ];
+    ports.extend(tool_ports);
     let svc = serde_json::from_value(json!({
         "metadata": {"name": "target", "namespace": "bench"},
-        "spec": {"clusterIP": TARGET_VIP.to_string(), "ports": [
-            {"name": "rr", "port": ECHO_PORT, "protocol": "TCP", "targetPort": ECHO_PORT},
-            {"name": "rr-udp", "port": ECHO_PORT, "protocol": "UDP", "targetPort": ECHO_PORT},
-            {"name": "stream", "port": SINK_PORT, "protocol": "TCP", "targetPort": SINK_PORT},
-            {"name": "crr", "port": CRR_PORT, "protocol": "TCP", "targetPort": CRR_PORT},
-            {"name": "flood", "port": FLOOD_PORT, "protocol": "UDP", "targetPort": FLOOD_PORT}]}
+        "spec": {"clusterIP": TARGET_VIP.to_string(), "ports": ports}
     }))?;
     let endpoints: Vec<_> = pods
         .iter()
@@ -1032,7 +1107,15 @@ fn target_objects(pods: &[Ipv4Addr]) -> Result<(Service, EndpointSlice)> {
                   {"name": "crr", "port": CRR_PORT, "protocol": "TCP"},
                   {"name": "flood", "port": FLOOD_PORT, "protocol": "UDP"}]
     }))?;
-    Ok((svc, slice))
+    // The tools' ports reach the first pod alone (see crate::bench_tools).
+    let tools_slice = serde_json::from_value(json!({
+        "metadata": {"name": "target-2", "namespace": "bench",
+                     "labels": {"kubernetes.io/service-name": "target"}},
+        "addressType": "IPv4",
+        "endpoints": [{"addresses": [pods[0].to_string()], "conditions": {"ready": true}}],
+        "ports": tool_slice_ports
+    }))?;
+    Ok((svc, slice, tools_slice))
 }
 
 /// Where client `k` sends its traffic under `variant`.
@@ -1044,7 +1127,7 @@ fn target(variant: Variant, pods: &[Ipv4Addr], k: usize) -> Ipv4Addr {
 }
 
 /// Child processes killed and reaped on drop.
-struct Kids(Vec<Child>);
+pub(crate) struct Kids(pub(crate) Vec<Child>);
 
 impl Drop for Kids {
     fn drop(&mut self) {
@@ -1057,7 +1140,11 @@ impl Drop for Kids {
 
 /// Runs one command per client in the client namespace, all at once; returns each one's
 /// stdout, or an error naming the first that failed or overran `limit`.
-fn run_clients(client: &NetNs, argvs: &[Vec<String>], limit: Duration) -> Result<Vec<String>> {
+pub(crate) fn run_clients(
+    client: &NetNs,
+    argvs: &[Vec<String>],
+    limit: Duration,
+) -> Result<Vec<String>> {
     let mut kids = Kids(Vec::new());
     for argv in argvs {
         let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
@@ -1324,8 +1411,9 @@ mod tests {
     fn measured_service_sits_in_the_middle() {
         let pods = [Ipv4Addr::new(10, 201, 1, 2), Ipv4Addr::new(10, 201, 2, 2)];
         let ports = all_ports(4, &pods);
-        assert_eq!(ports.len(), 9);
+        assert_eq!(ports.len(), 13);
         assert_eq!(ports[2].cluster_ip, TARGET_VIP);
         assert_eq!(ports[2].endpoints, pods);
+        assert_eq!(ports[2 + 5].endpoints, pods[..1]);
     }
 }

@@ -6,6 +6,7 @@ mod bench_net;
 mod bench_plot;
 mod bench_profile;
 mod bench_rules;
+mod bench_tools;
 mod demo;
 mod interrupt;
 mod vm;

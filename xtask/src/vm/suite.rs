@@ -106,7 +106,12 @@ run() {
 /// as `LBVM-BENCH size<TAB>test<TAB>clients<TAB>variant<TAB>value<TAB>unit` lines and
 /// `LBVM-BENCH-SKIP size<TAB>variant<TAB>why` for variants that could not be programmed.
 pub fn guest_bench() -> Result<()> {
-    let report = bench_net::run(&NetPlan::quick())?;
+    // The guest's initramfs carries no standard load tools.
+    let plan = NetPlan {
+        tools: Vec::new(),
+        ..NetPlan::quick()
+    };
+    let report = bench_net::run(&plan)?;
     for ((size, test, clients, variant), values) in &report.samples {
         let mut v = values.clone();
         v.sort_by(f64::total_cmp);
