@@ -23,7 +23,7 @@ fi
 # - fonts-dejavu-core: the font `cargo xtask bench` draws its PNG plots' text with
 #   (nftables and iptables, with its legacy backend, serve the benchmark's kube-proxy
 #   variants);
-# - iperf3, sockperf, wrk: standard load tools; `cargo xtask bench datapath` cross-checks
+# - iperf3, sockperf: standard load tools; `cargo xtask bench datapath` cross-checks
 #   its own figures with iperf3 and sockperf (netperf, the reference, when it is on PATH:
 #   Debian 12 does not package it);
 # - qemu-system-x86, busybox-static, cpio: `cargo xtask vm`, which boots Debian's 6.1
@@ -32,7 +32,7 @@ fi
 PACKAGES=(rustc-web cargo-web libstd-rust-web-dev-bpf llvm-22-dev gcc
           iproute2 iptables procps util-linux
           bpftool nftables socat ethtool python3 ca-certificates fonts-dejavu-core
-          iperf3 sockperf wrk qemu-system-x86 busybox-static cpio)
+          iperf3 sockperf qemu-system-x86 busybox-static cpio)
 missing() {
     local p
     for p in "$@"; do
