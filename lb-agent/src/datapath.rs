@@ -36,7 +36,8 @@ use aya::{
         lpm_trie::{Key as LpmKey, LpmTrie},
     },
     programs::{
-        CgroupAttachMode, CgroupSockAddr, LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode,
+        CgroupAttachMode, CgroupSockAddr, LinkOrder, Program, ProgramError, SchedClassifier,
+        TcAttachType, Xdp, XdpMode,
         links::{FdLink, PinnedLink},
         tc::{
             NlOptions, SchedClassifierLink, TcAttachOptions, qdisc_add_clsact, qdisc_detach_program,
@@ -548,7 +549,7 @@ impl Datapath {
                 .program_mut(name)
                 .ok_or_else(|| DatapathError::Load(format!("program {name} missing").into()))?
                 .try_into()
-                .map_err(|e: aya::programs::ProgramError| DatapathError::Load(Box::new(e)))?;
+                .map_err(|e: ProgramError| DatapathError::Load(Box::new(e)))?;
             prog.load().map_err(|e| classify_load_error(Box::new(e)))?;
         }
         let features = {
@@ -1020,22 +1021,40 @@ fn own_netns_cookie() -> u64 {
 /// are what `--xdp` needs; the probe cannot attach, so a kernel between 4.8 and 5.9 (XDP,
 /// no XDP bpf_link) shows here as yes and fails at attach, naming the reason.
 fn load_xdp(ebpf: &mut Ebpf) -> Feature {
-    let probe = match ebpf.program_mut(XDP_PROG) {
-        None => Probe::No("not in the eBPF object".into()),
-        Some(prog) => match <&mut Xdp>::try_from(prog) {
-            Err(e) => Probe::No(e.to_string()),
-            Ok(prog) => match prog.load() {
-                Ok(()) => Probe::Yes,
-                Err(e) => {
-                    debug!(error = ?e, "the XDP program does not load");
-                    Probe::No(verifier_summary(&e.to_string()))
-                }
-            },
-        },
-    };
     Feature {
-        probe,
+        probe: load_probe(ebpf, XDP_PROG, Xdp::load),
         ..Feature::xdp_unprobed()
+    }
+}
+
+/// Loads one socket hook program; the outcome is its feature probe.
+fn load_sock_hook(ebpf: &mut Ebpf, hook: &SockHook) -> Feature {
+    Feature {
+        name: hook.feature,
+        since: hook.since,
+        probe: load_probe(ebpf, hook.prog, CgroupSockAddr::load),
+    }
+}
+
+/// Loads the optional program `name` of type `P` with `load`, as the probe of its
+/// feature: a failure is a no, cut to one line by [`verifier_summary`].
+fn load_probe<P>(
+    ebpf: &mut Ebpf,
+    name: &str,
+    load: impl FnOnce(&mut P) -> Result<(), ProgramError>,
+) -> Probe
+where
+    for<'a> &'a mut P: TryFrom<&'a mut Program, Error = ProgramError>,
+{
+    let Some(prog) = ebpf.program_mut(name) else {
+        return Probe::No("not in the eBPF object".into());
+    };
+    match <&mut P>::try_from(prog).and_then(load) {
+        Ok(()) => Probe::Yes,
+        Err(e) => {
+            debug!(prog = name, error = ?e, "program does not load");
+            Probe::No(verifier_summary(&e.to_string()))
+        }
     }
 }
 
@@ -1053,28 +1072,6 @@ fn verifier_summary(error: &str) -> String {
         .collect();
     let tail = last[last.len().saturating_sub(2)..].join("; ");
     format!("{} verifier: {tail}", head.trim().trim_end_matches('.'))
-}
-
-/// Loads one socket hook program; the outcome is its feature probe.
-fn load_sock_hook(ebpf: &mut Ebpf, hook: &SockHook) -> Feature {
-    let probe = match ebpf.program_mut(hook.prog) {
-        None => Probe::No("not in the eBPF object".into()),
-        Some(prog) => match <&mut CgroupSockAddr>::try_from(prog) {
-            Err(e) => Probe::No(e.to_string()),
-            Ok(prog) => match prog.load() {
-                Ok(()) => Probe::Yes,
-                Err(e) => {
-                    debug!(prog = hook.prog, error = ?e, "socket hook does not load");
-                    Probe::No(e.to_string())
-                }
-            },
-        },
-    };
-    Feature {
-        name: hook.feature,
-        since: hook.since,
-        probe,
-    }
 }
 
 /// The id of the cgroup v2 directory `path` (its inode number), after checking that it is

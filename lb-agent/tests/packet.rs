@@ -235,15 +235,23 @@ impl Fixture {
         applier
     }
 
-    /// The datapath's counters, by reason name (ingress and egress summed).
+    /// The counter of `reason`, summed over all directions.
     fn counter(&mut self, reason: &str) -> u64 {
+        lb_common::DIR_NAMES
+            .iter()
+            .map(|dir| self.counter_in(reason, dir))
+            .sum()
+    }
+
+    /// The counter of `reason` in direction `dir` (one of `lb_common::DIR_NAMES`).
+    fn counter_in(&mut self, reason: &str, dir: &str) -> u64 {
         let metrics = self
             .metrics
             .get_or_insert_with(|| self.dp.metrics().expect("metrics"));
         metrics
             .snapshot()
             .iter()
-            .filter(|(r, _, _)| *r == reason)
+            .filter(|(r, d, _)| *r == reason && *d == dir)
             .map(|(_, _, n)| n)
             .sum()
     }
@@ -268,19 +276,6 @@ impl Fixture {
         let mark = u32::from_ne_bytes(ctx_out[8..12].try_into().expect("4 bytes"));
         out.truncate(res.data_size_out as usize);
         (res.return_value, out, mark)
-    }
-
-    /// The counter of `reason` in direction `dir` (`ingress`, `egress`, `xdp`).
-    fn counter_in(&mut self, reason: &str, dir: &str) -> u64 {
-        let metrics = self
-            .metrics
-            .get_or_insert_with(|| self.dp.metrics().expect("metrics"));
-        metrics
-            .snapshot()
-            .iter()
-            .filter(|(r, d, _)| *r == reason && *d == dir)
-            .map(|(_, _, n)| n)
-            .sum()
     }
 
     /// Runs the XDP program on `frame`: the action and the output frame.

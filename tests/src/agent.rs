@@ -5,6 +5,8 @@
 //! netns exec` would give it a private /sys and a throw-away bpffs).
 use std::{
     fs,
+    io::{self, Read as _, Write as _},
+    net::{SocketAddr, TcpStream},
     path::{Path, PathBuf},
     process::{Command, Stdio},
     time::Duration,
@@ -42,22 +44,44 @@ pub const METRICS_PORT: u16 = 10249;
 /// `lb_datapath_packets_total{reason, direction}` of the agent in node namespace `node`,
 /// from its `/metrics` (0 when the series is absent: nothing counted yet).
 pub fn datapath_packets(node: &NetNs, reason: &str, direction: &str) -> u64 {
-    use std::io::{Read as _, Write as _};
-    let body = node.run(|| -> std::io::Result<String> {
-        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], METRICS_PORT));
-        let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
-        s.set_read_timeout(Some(Duration::from_secs(3)))?;
-        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+    let (_, body) = http_get(node, METRICS_PORT, "/metrics")
+        .unwrap_or_else(|e| panic!("scraping the agent's /metrics: {e}"));
+    let series =
+        format!("lb_datapath_packets_total{{reason=\"{reason}\",direction=\"{direction}\"}}");
+    series_value(&body, &series).map_or(0, |v| v as u64)
+}
+
+/// `GET path` on `127.0.0.1:port` in `node` (the agent's HTTP servers): (status, body).
+pub fn http_get(node: &NetNs, port: u16, path: &str) -> io::Result<(u16, String)> {
+    const TIMEOUT: Duration = Duration::from_secs(3);
+    let request = format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n");
+    let raw = node.run(move || -> io::Result<String> {
+        let mut s = TcpStream::connect_timeout(&SocketAddr::from(([127, 0, 0, 1], port)), TIMEOUT)?;
+        s.set_read_timeout(Some(TIMEOUT))?;
+        s.write_all(request.as_bytes())?;
         let mut raw = String::new();
         s.read_to_string(&mut raw)?;
         Ok(raw)
-    });
-    let body = body.unwrap_or_else(|e| panic!("scraping the agent's /metrics: {e}"));
-    let series =
-        format!("lb_datapath_packets_total{{reason=\"{reason}\",direction=\"{direction}\"}} ");
-    body.lines()
-        .find_map(|l| l.strip_prefix(&series)?.trim().parse::<f64>().ok())
-        .map_or(0, |v| v as u64)
+    })?;
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| io::Error::other(format!("no status line in {raw:?}")))?;
+    Ok((status, body.to_owned()))
+}
+
+/// The value of `series` (a metric name with its labels, as printed) in the Prometheus
+/// text `text`.
+pub fn series_value(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
 }
 
 /// A running agent with its manifests directory and its bpffs pin directory. Dropping it

@@ -6,7 +6,7 @@
 //! Run as root: `cargo xtask test` (or `cargo test --release -p tests --test kube`).
 use std::{
     collections::BTreeSet,
-    io::{self, BufRead, BufReader, Read, Write},
+    io::{self, BufRead, BufReader, Write},
     net::{Ipv4Addr, SocketAddr, TcpStream},
     path::PathBuf,
     process::Command,
@@ -17,7 +17,7 @@ use std::{
 use fake_apiserver::FakeApiServer;
 use serde_json::{Value, json};
 use tests::{
-    agent::Agent,
+    agent::{Agent, http_get, series_value},
     netns::NetNs,
     require_root,
     servers::{self, Server},
@@ -267,26 +267,6 @@ fn only(pod: &str) -> BTreeSet<String> {
     BTreeSet::from([pod.to_owned()])
 }
 
-/// `GET path` on `127.0.0.1:port` in `node`: (status, body).
-fn http_get(node: &NetNs, port: u16, path: &str) -> io::Result<(u16, String)> {
-    let request = format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n");
-    let raw = node.run(move || -> io::Result<String> {
-        let mut s = TcpStream::connect_timeout(&SocketAddr::from(([127, 0, 0, 1], port)), TIMEOUT)?;
-        s.set_read_timeout(Some(TIMEOUT))?;
-        s.write_all(request.as_bytes())?;
-        let mut raw = String::new();
-        s.read_to_string(&mut raw)?;
-        Ok(raw)
-    })?;
-    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| io::Error::other(format!("no status line in {raw:?}")))?;
-    Ok((status, body.to_owned()))
-}
-
 /// `/healthz` or `/livez` of the agent: (status, JSON body).
 fn health(env: &Env, path: &str) -> (u16, Value) {
     let (status, body) = http_get(&env.topo.node, HEALTHZ_PORT, path).expect(path);
@@ -298,12 +278,6 @@ fn scrape(env: &Env) -> String {
     let (status, body) = http_get(&env.topo.node, METRICS_PORT, "/metrics").expect("/metrics");
     assert_eq!(status, 200, "{body}");
     body
-}
-
-/// The value of `series` (a metric name with its labels, as printed) in `text`.
-fn metric(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
 }
 
 /// `t` as RFC 3339 in UTC, as Kubernetes writes timestamps.
@@ -447,7 +421,7 @@ fn headless_and_foreign_services_are_ignored() {
     );
     let metrics = scrape(&env);
     assert_eq!(
-        metric(&metrics, "lb_config_problems"),
+        series_value(&metrics, "lb_config_problems"),
         Some(0.0),
         "{metrics}"
     );
@@ -593,7 +567,7 @@ fn relist_after_410_drops_objects_deleted_meanwhile() {
     assert!(relisted >= 2, "{:#?}", env.api.requests());
     let metrics = scrape(&env);
     assert!(
-        metric(&metrics, r#"lb_watch_restarts_total{resource="services"}"#)
+        series_value(&metrics, r#"lb_watch_restarts_total{resource="services"}"#)
             .is_some_and(|n| n >= 1.0),
         "{metrics}"
     );
@@ -700,8 +674,9 @@ fn health_and_metrics_endpoints() {
             "{family}:\n{metrics}"
         );
     }
-    let value =
-        |series: &str| metric(&metrics, series).unwrap_or_else(|| panic!("{series}:\n{metrics}"));
+    let value = |series: &str| {
+        series_value(&metrics, series).unwrap_or_else(|| panic!("{series}:\n{metrics}"))
+    };
     assert_eq!(
         value("kubeproxy_sync_full_proxy_rules_duration_seconds_count"),
         1.0
