@@ -146,30 +146,53 @@ fn web(type_: &str, spec: &str, status: &str, pods: &[Ipv4Addr]) -> Vec<(String,
     ]
 }
 
+/// A namespace the tests send from: a client or pod of a one-node topology ([`Host`]), or
+/// of the two-node cluster ([`Member`]).
+trait Sender {
+    fn ns(&self) -> &NetNs;
+}
+
+impl Sender for Host {
+    fn ns(&self) -> &NetNs {
+        &self.ns
+    }
+}
+
+impl Sender for Member {
+    fn ns(&self) -> &NetNs {
+        &self.ns
+    }
+}
+
 fn hello_within(
-    client: &Host,
+    client: &impl Sender,
     addr: Ipv4Addr,
     port: u16,
     timeout: Duration,
 ) -> io::Result<Greeting> {
     client
-        .ns
+        .ns()
         .run(move || tcp_hello(SocketAddr::from((addr, port)), timeout))
 }
 
-fn hello(client: &Host, addr: Ipv4Addr, port: u16) -> Greeting {
+fn hello(client: &impl Sender, addr: Ipv4Addr, port: u16) -> Greeting {
     hello_within(client, addr, port, TIMEOUT)
         .unwrap_or_else(|e| panic!("TCP to {addr}:{port}: {e}"))
 }
 
-fn udp_within(client: &Host, addr: Ipv4Addr, port: u16, timeout: Duration) -> io::Result<Greeting> {
-    client.ns.run(move || {
+fn udp_within(
+    client: &impl Sender,
+    addr: Ipv4Addr,
+    port: u16,
+    timeout: Duration,
+) -> io::Result<Greeting> {
+    client.ns().run(move || {
         let socket = udp_connect(SocketAddr::from((addr, port)), timeout)?;
         udp_ask(&socket)
     })
 }
 
-fn udp(client: &Host, addr: Ipv4Addr, port: u16) -> Greeting {
+fn udp(client: &impl Sender, addr: Ipv4Addr, port: u16) -> Greeting {
     udp_within(client, addr, port, TIMEOUT).unwrap_or_else(|e| panic!("UDP to {addr}:{port}: {e}"))
 }
 
@@ -189,7 +212,7 @@ fn assert_saw_ip(g: &Greeting, client: Ipv4Addr) {
 
 /// Asserts a TCP connection and a UDP question from `client` to `addr` get no answer at
 /// all (dropped), as opposed to being refused (rejected).
-fn assert_dropped(client: &Host, addr: Ipv4Addr, tcp_port: u16, udp_port: u16) {
+fn assert_dropped(client: &impl Sender, addr: Ipv4Addr, tcp_port: u16, udp_port: u16) {
     match hello_within(client, addr, tcp_port, DROP_BOUND) {
         Err(e)
             if matches!(
@@ -454,21 +477,8 @@ fn external_traffic_policy_local_on_two_nodes_serves_each_nodes_own_pods() {
     };
     let cluster = &two.cluster;
     let client: &Member = &cluster.client;
-    let ask_tcp = |addr: Ipv4Addr, port: u16| {
-        client
-            .ns
-            .run(move || tcp_hello(SocketAddr::from((addr, port)), TIMEOUT))
-            .unwrap_or_else(|e| panic!("TCP to {addr}:{port}: {e}"))
-    };
-    let ask_udp = |addr: Ipv4Addr, port: u16| {
-        client
-            .ns
-            .run(move || {
-                let socket = udp_connect(SocketAddr::from((addr, port)), TIMEOUT)?;
-                udp_ask(&socket)
-            })
-            .unwrap_or_else(|e| panic!("UDP to {addr}:{port}: {e}"))
-    };
+    let ask_tcp = |addr: Ipv4Addr, port: u16| hello(client, addr, port);
+    let ask_udp = |addr: Ipv4Addr, port: u16| udp(client, addr, port);
     // Each node's NodePort serves that node's pods only, both of them, and they see the
     // external client's own address.
     for node in &cluster.nodes {
@@ -513,11 +523,7 @@ fn nodeport_reaches_pods_on_the_other_node_through_source_nat() {
     let node1 = &cluster.nodes[0];
     let mut pods = BTreeSet::new();
     for _ in 0..80 {
-        let addr = node1.ip;
-        let g = client
-            .ns
-            .run(move || tcp_hello(SocketAddr::from((addr, TCP_NODE_PORT)), TIMEOUT))
-            .unwrap_or_else(|e| panic!("TCP to {addr}:{TCP_NODE_PORT}: {e}"));
+        let g = hello(client, node1.ip, TCP_NODE_PORT);
         // This node's pods see the client; the other node's see this node, whose address
         // brings their replies back here to be translated.
         if g.pod.starts_with("node-1-") {
@@ -531,14 +537,7 @@ fn nodeport_reaches_pods_on_the_other_node_through_source_nat() {
     // UDP, until a pod of the other node answered.
     let mut remote_udp = false;
     for _ in 0..40 {
-        let addr = node1.ip;
-        let g = client
-            .ns
-            .run(move || {
-                let socket = udp_connect(SocketAddr::from((addr, UDP_NODE_PORT)), TIMEOUT)?;
-                udp_ask(&socket)
-            })
-            .unwrap_or_else(|e| panic!("UDP to {addr}:{UDP_NODE_PORT}: {e}"));
+        let g = udp(client, node1.ip, UDP_NODE_PORT);
         if g.pod.starts_with("node-2-") {
             assert_saw_ip(&g, node1.ip);
             remote_udp = true;
@@ -591,43 +590,19 @@ fn pods_reach_a_local_policy_service_through_any_endpoint_with_the_cluster_cidr(
         (EXTERNAL_IP, 80, 53),
         (node1.ip, TCP_NODE_PORT, UDP_NODE_PORT),
     ] {
-        let g = pod
-            .ns
-            .run(move || tcp_hello(SocketAddr::from((addr, tcp_port)), TIMEOUT))
-            .unwrap_or_else(|e| panic!("TCP to {addr}:{tcp_port}: {e}"));
-        assert_eq!(g.pod, "node-2-pod-1");
-        assert_saw_ip(&g, pod.ip);
-        let g = pod
-            .ns
-            .run(move || {
-                let socket = udp_connect(SocketAddr::from((addr, udp_port)), TIMEOUT)?;
-                udp_ask(&socket)
-            })
-            .unwrap_or_else(|e| panic!("UDP to {addr}:{udp_port}: {e}"));
-        assert_eq!(g.pod, "node-2-pod-1");
-        assert_saw_ip(&g, pod.ip);
+        for g in [hello(pod, addr, tcp_port), udp(pod, addr, udp_port)] {
+            assert_eq!(g.pod, "node-2-pod-1");
+            assert_saw_ip(&g, pod.ip);
+        }
     }
     // A client outside the cluster keeps the policy: dropped at node 1, which has no
     // endpoint, and served by node 2 with its own address kept.
     let client = &cluster.client;
-    let addr = node1.ip;
-    match client
-        .ns
-        .run(move || tcp_hello(SocketAddr::from((addr, TCP_NODE_PORT)), DROP_BOUND))
-    {
-        Err(e)
-            if matches!(
-                e.kind(),
-                io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock
-            ) => {}
-        other => panic!("the external client at node 1 should be dropped, got {other:?}"),
-    }
-    let addr = cluster.nodes[1].ip;
-    let g = client
-        .ns
-        .run(move || tcp_hello(SocketAddr::from((addr, TCP_NODE_PORT)), TIMEOUT))
-        .unwrap_or_else(|e| panic!("TCP to {addr}:{TCP_NODE_PORT}: {e}"));
-    assert_saw_ip(&g, client.ip);
+    assert_dropped(client, node1.ip, TCP_NODE_PORT, UDP_NODE_PORT);
+    assert_saw_ip(
+        &hello(client, cluster.nodes[1].ip, TCP_NODE_PORT),
+        client.ip,
+    );
 }
 
 /// The address the datapath gives hairpin flows as their source.
