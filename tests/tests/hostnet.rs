@@ -11,7 +11,8 @@
 use std::{
     collections::BTreeSet,
     fs,
-    net::Ipv4Addr,
+    io::{self, ErrorKind},
+    net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     process::Command,
     sync::atomic::{AtomicU32, Ordering},
@@ -20,6 +21,7 @@ use std::{
 
 use tests::{
     agent::{Agent, agent_binary, datapath_packets},
+    clients::tcp_hello,
     missing_kernel_feature, require_root,
     servers::{self, Server},
     topology::Topology,
@@ -404,13 +406,14 @@ fn host_reaches_a_local_policy_node_port_without_local_endpoints_through_any_end
     // that its load balancer sends it to a node that has one.
     let client = &env.topo.clients[0];
     let answer = client.ns.run(move || {
-        tests::clients::tcp_hello(
-            std::net::SocketAddr::from((node, LOCAL_TCP_NODE_PORT)),
+        tcp_hello(
+            SocketAddr::from((node, LOCAL_TCP_NODE_PORT)),
             Duration::from_millis(800),
         )
     });
+    let dropped = |e: &io::Error| matches!(e.kind(), ErrorKind::TimedOut | ErrorKind::WouldBlock);
     assert!(
-        matches!(&answer, Err(e) if matches!(e.kind(), std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock)),
+        answer.as_ref().is_err_and(dropped),
         "an external client got {answer:?}"
     );
     assert!(datapath_packets(&env.topo.node, "no_local_backend", "ingress") >= 1);
